@@ -1,0 +1,8 @@
+"""The one-command demo on the photos shipped in the package: benchmark, matchers, ISC2021 metric.
+
+    python scripts/demo.py [--out runs/demo]
+"""
+from pair_vit import cli, demo
+
+if __name__ == "__main__":
+    cli.main(demo.DemoConfig, demo.run)

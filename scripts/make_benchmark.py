@@ -1,0 +1,8 @@
+"""Build a DISC21-style copy-detection benchmark from a folder of photos.
+
+    python scripts/make_benchmark.py --images ../shared/data/train --out benchmarks/dev --seed 0
+"""
+from pair_vit import benchmark, cli
+
+if __name__ == "__main__":
+    cli.main(benchmark.BenchmarkConfig, benchmark.run)

@@ -1,0 +1,59 @@
+"""Config resolution: dataclass defaults < YAML file < command-line flags; bad values refused."""
+from dataclasses import dataclass
+
+import pytest
+import yaml
+
+from pair_vit.config import from_dict, opt, parse_config, save_config
+
+
+@dataclass
+class ToyConfig:
+    """A toy config."""
+
+    name: str = opt("run", "a name")
+    steps: int = opt(10, "number of steps")
+    lr: float = opt(1e-3, "learning rate")
+    amp: bool = opt(True, "use bf16 autocast")
+    model: str = opt("vit_tiny", "backbone", choices=("vit_tiny", "vit_small"))
+    sizes: list = opt([112, 224], "input sizes")
+
+
+def test_defaults():
+    cfg = parse_config(ToyConfig, [])
+    assert cfg == ToyConfig()
+    assert cfg.sizes == [112, 224] and cfg.sizes is not ToyConfig().sizes
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"steps": 50, "lr": 0.1, "model": "vit_small"}))
+    cfg = parse_config(ToyConfig, ["--config", str(path), "--lr", "0.5"])
+    assert (cfg.steps, cfg.lr, cfg.model) == (50, 0.5, "vit_small")
+
+
+def test_bool_flags_are_not_type_bool():
+    assert parse_config(ToyConfig, ["--no-amp"]).amp is False
+    assert parse_config(ToyConfig, ["--amp"]).amp is True
+
+
+def test_choices_enforced(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(ToyConfig, ["--model", "resnet"])
+    path = tmp_path / "c.yaml"
+    path.write_text("model: resnet\n")
+    with pytest.raises(SystemExit):
+        parse_config(ToyConfig, ["--config", str(path)])
+    assert "resnet" in capsys.readouterr().err
+
+
+def test_unknown_yaml_key_refused():
+    with pytest.raises(ValueError, match="stepz"):
+        from_dict(ToyConfig, {"stepz": 3})
+
+
+def test_save_round_trip(tmp_path):
+    cfg = parse_config(ToyConfig, ["--steps", "7", "--sizes", "64", "128"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = parse_config(ToyConfig, ["--config", str(tmp_path / "run" / "config.yaml")])
+    assert again == cfg and again.sizes == [64, 128]
