@@ -1,20 +1,10 @@
-"""Score a matching submission: `python scripts/evaluate.py --submission SUB.csv --ground-truth GT.csv
-[--edits edits.csv] [--pr-curve pr.png] [--output metrics.json]`. First output line: `uAP <value> ...`.
-A malformed input file gives a one-line error on stderr and exit code 2."""
-import sys
+"""Score a matching submission with the ISC2021 metric.
 
-from pair_vit.config import parse_config
-from pair_vit.eval import EvalConfig, EvalInputError, run
+    python scripts/evaluate.py --submission SUB.csv --ground-truth GT.csv [--edits edits.csv] [--pr-curve pr.png]
 
-
-def main() -> None:
-    cfg = parse_config(EvalConfig)
-    try:
-        run(cfg)
-    except EvalInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
+The first output line is `uAP <value> ...`. A malformed input file gives a one-line error and exit code 2.
+"""
+from pair_vit import cli, eval as evaluation
 
 if __name__ == "__main__":
-    main()
+    cli.main(evaluation.EvalConfig, evaluation.run)
