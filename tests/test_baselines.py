@@ -1,0 +1,37 @@
+"""Perceptual-hash peers: Hamming top-k on hand cases, and real photos matching their copies."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pair_vit import baselines, demo_dir
+
+PHOTOS = sorted(Path(str(demo_dir())).glob("clothing_cc0/*.jpg"))[:6]
+
+
+def test_hamming_topk_hand_case():
+    refs = np.packbits(np.array([[0] * 8, [1] * 8, [1, 1, 0, 0, 0, 0, 0, 0]], dtype=bool), axis=1)
+    query = np.packbits(np.array([[1, 0, 0, 0, 0, 0, 0, 0]], dtype=bool), axis=1)
+    dist, idx = baselines.hamming_topk(query, refs, k=2)
+    assert idx.tolist() == [[0, 2]] and dist.tolist() == [[1, 1]]  # tie broken by reference index
+    dist, idx = baselines.hamming_topk(query, refs, k=10)
+    assert idx.shape == (1, 3) and dist[0, -1] == 7
+
+
+@pytest.mark.parametrize("method", baselines.HASH_METHODS)
+def test_recompressed_copy_ranks_its_reference_first(method, tmp_path):
+    refs, queries = tmp_path / "refs", tmp_path / "queries"
+    refs.mkdir(), queries.mkdir()
+    for i, p in enumerate(PHOTOS):
+        Image.open(p).save(refs / f"R{i}.png")
+    Image.open(PHOTOS[3]).resize((200, 260)).save(queries / "Q0.jpg", quality=40)
+    (queries / "Q1.jpg").write_bytes(b"broken")
+    from pair_vit import data
+
+    report = data.SkipReport()
+    sub = baselines.hash_submission(data.list_images(queries), data.list_images(refs), method, k=3, report=report)
+    assert list(sub.columns) == ["query_id", "reference_id", "score"]
+    assert sub.reference_id.iloc[0] == "R3" and sub.score.iloc[0] > 0.8
+    assert len(sub) == 3 and set(sub.query_id) == {"Q0"}
+    assert [Path(p).name for p, _ in report] == ["Q1.jpg"]
