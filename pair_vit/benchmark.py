@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pair_vit import data
+from pair_vit import data, demo_dir
 from pair_vit.config import opt, save_config
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Plan:
 
 def source_images(cfg: BenchmarkConfig) -> dict[str, Path]:
     """Photos of the configured split, id -> path."""
-    folder = Path(cfg.images) if cfg.images else Path(str(data.demo_dir()))
+    folder = Path(cfg.images) if cfg.images else Path(str(demo_dir()))
     images = data.list_images(folder)
     chosen = data.split_images(images, cfg.split, seed=cfg.split_seed, dev_fraction=cfg.dev_fraction)
     log.info("%d photos in %s, %d in split %r", len(images), folder, len(chosen), cfg.split)
@@ -225,7 +225,7 @@ def run(cfg: BenchmarkConfig) -> data.DiscLayout:
     images = source_images(cfg)
     plan = make_plan(images, cfg, report)
     out, tmp = _prepare_out(cfg)
-    root = Path(cfg.images) if cfg.images else Path(str(data.demo_dir()))
+    root = Path(cfg.images) if cfg.images else Path(str(demo_dir()))
     ref_ids = _write_references(plan, tmp)
     rows = _write_queries(make_tasks(plan, cfg), plan, ref_ids, cfg, tmp, report)
     _write_tables(rows, ref_ids, tmp, root)
