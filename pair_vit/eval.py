@@ -344,11 +344,11 @@ def format_metrics(m: Metrics) -> str:
 
 def write_pr_curve(path: str | Path, precision: np.ndarray, recall: np.ndarray, title: str = "") -> None:
     """Save a precision-recall plot as PNG (atomically). precision, recall: shape (n_points,)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot) selects no backend, so notebooks keep their inline plots.
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     ax.plot(recall, precision, marker="." if len(recall) < 50 else None)
     ax.axhline(0.9, color="grey", lw=0.8, ls="--")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
@@ -356,7 +356,6 @@ def write_pr_curve(path: str | Path, precision: np.ndarray, recall: np.ndarray, 
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- command line
