@@ -15,6 +15,7 @@ def main(config_cls: type, run: Callable[[Any], Any], argv: Sequence[str] | None
          description: str | None = None) -> Any:
     """Parse `config_cls` from argv (+ --config YAML) and call `run(cfg)`; user errors exit 2 with a message."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU variant it did not find
     cfg = parse_config(config_cls, argv, description)
     try:
         return run(cfg)

@@ -4,7 +4,7 @@ Builds a small benchmark from the embedded CC0 / public-domain demo photos (cach
 config changes), runs every available matcher on it, evaluates each with the ISC2021 metric, and writes
 submissions, a PR curve per matcher and a summary table under `out/`.
 
-Matchers today: the perceptual-hash peers (PDQ, pHash). The descriptor shortlist and the pair-ViT reranker
+Matchers today: the peers (PDQ, pHash, SIFT + RANSAC). The descriptor shortlist and the pair-ViT reranker
 join this table as their stages land.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class DemoConfig:
     n_references: int = opt(120, "references in the demo benchmark (the demo has 291 photos)")
     n_queries: int = opt(120, "queries in the demo benchmark (half positives, half distractors)")
     k: int = opt(10, "predictions per query")
-    methods: list = opt(["pdq", "phash"], "matchers to run")
+    methods: list = opt(["pdq", "phash", "sift"], "matchers to run")
     workers: int = opt(2, "processes used to synthesise queries")
 
 
@@ -53,7 +53,9 @@ def ensure_benchmark(bcfg: benchmark.BenchmarkConfig) -> data.DiscLayout:
 def run_matcher(method: str, layout: data.DiscLayout, k: int) -> pd.DataFrame:
     if method in baselines.HASH_METHODS:
         return baselines.hash_submission(layout.query_images(), layout.reference_images(), method, k)
-    raise ValueError(f"unknown matcher {method!r}; available: {baselines.HASH_METHODS}")
+    if method == "sift":
+        return baselines.sift_submission(layout.query_images(), layout.reference_images(), k)
+    raise ValueError(f"unknown matcher {method!r}; available: {baselines.METHODS}")
 
 
 def evaluate_matcher(method: str, layout: data.DiscLayout, cfg: DemoConfig) -> dict:

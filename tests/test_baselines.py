@@ -35,3 +35,23 @@ def test_recompressed_copy_ranks_its_reference_first(method, tmp_path):
     assert sub.reference_id.iloc[0] == "R3" and sub.score.iloc[0] > 0.8
     assert len(sub) == 3 and set(sub.query_id) == {"Q0"}
     assert [Path(p).name for p, _ in report] == ["Q1.jpg"]
+
+
+def test_sift_finds_a_cropped_rotated_copy(tmp_path):
+    refs, queries = tmp_path / "refs", tmp_path / "queries"
+    refs.mkdir(), queries.mkdir()
+    for i, p in enumerate(PHOTOS):
+        Image.open(p).save(refs / f"R{i}.jpg")
+    src = Image.open(PHOTOS[2])
+    w, h = src.size
+    src.crop((w // 5, h // 5, w, h)).rotate(15, expand=True).save(queries / "Q0.jpg", quality=60)
+    from pair_vit import data
+
+    sub = baselines.sift_submission(data.list_images(queries), data.list_images(refs), k=3)
+    assert sub.reference_id.iloc[0] == "R2" and sub.score.iloc[0] >= 10
+    assert sub.score.iloc[0] > 2 * sub.score.iloc[1]
+
+
+def test_ransac_inliers_needs_matches():
+    empty = (np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
+    assert baselines.ransac_inliers(empty, empty) == 0
