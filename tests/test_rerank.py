@@ -1,0 +1,190 @@
+"""scripts/rerank.py --descriptor-only: the stage-1 shortlist written as a submission."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import pair_vit
+from pair_vit import data
+from pair_vit import index as ix
+from pair_vit import rerank
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_ARGS = {"backbone": "resnet18", "embed_dim": 32, "image_size": 64, "gem_p": 3.0}
+
+
+def save_descriptor(model, path: Path) -> Path:
+    from pair_vit.checkpoint import save_checkpoint
+
+    save_checkpoint(path, kind="descriptor", model=model, model_args=dict(model.model_args))
+    return path
+
+
+def make_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+    from pair_vit.descriptor import build_descriptor
+
+    torch.manual_seed(seed)
+    return save_descriptor(build_descriptor({**SMALL_ARGS, **overrides}), path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "desc.pt")
+
+
+@pytest.fixture()
+def folders(tmp_path) -> tuple[Path, Path, list[str]]:
+    """6 demo references; queries: exact copies of 2 of them under new ids, plus one unreadable file."""
+    photos = sorted(data.list_images(pair_vit.demo_dir() / "clothing_cc0").values())[:6]
+    refs, queries = tmp_path / "refs", tmp_path / "queries"
+    refs.mkdir()
+    queries.mkdir()
+    for p in photos:
+        shutil.copy(p, refs / p.name)
+    shutil.copy(photos[1], queries / "Q1.jpg")
+    shutil.copy(photos[4], queries / "Q4.jpg")
+    (queries / "Qbad.jpg").write_bytes(b"not an image at all")
+    return queries, refs, [photos[1].stem, photos[4].stem]
+
+
+def config(queries, refs, out, checkpoint, **kw) -> rerank.RerankConfig:
+    base = dict(queries=str(queries), references=str(refs), output=str(out), descriptor_only=True, k=3,
+                descriptor_checkpoint=str(checkpoint), num_workers=0, progress=False)
+    return rerank.RerankConfig(**{**base, **kw})
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "rerank.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+
+
+def test_descriptor_only_end_to_end_script(folders, checkpoint, tmp_path):
+    queries, refs, originals = folders
+    out = tmp_path / "sub.csv"
+    proc = run_script("--queries", str(queries), "--references", str(refs), "--output", str(out),
+                      "--descriptor-only", "--k", "4", "--max-per-query", "3", "--descriptor-checkpoint",
+                      str(checkpoint), "--views", "halves", "--batch-size", "8", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    sub = pd.read_csv(out, dtype={"query_id": str, "reference_id": str})
+    assert list(sub.columns) == ["query_id", "reference_id", "score"]
+    assert sub.groupby("query_id").size().to_dict() == {"Q1": 3, "Q4": 3}  # none for the unreadable query
+    top = sub.groupby("query_id").head(1).set_index("query_id")
+    assert list(top.reference_id) == originals and (top.score > 0.995).all()
+    skipped = pd.read_csv(f"{out}.skipped.csv")
+    assert [Path(p).name for p in skipped.path] == ["Qbad.jpg"]
+    assert "3 queries, 6 references, 1 unreadable skipped, 6 rows" in proc.stdout and "images/s" in proc.stdout
+    assert (tmp_path / "sub.csv.config.yaml").is_file()
+    # an existing output is kept unless --overwrite
+    again = run_script("--queries", str(queries), "--references", str(refs), "--output", str(out),
+                       "--descriptor-only", "--descriptor-checkpoint", str(checkpoint))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_overwrite_refused_then_allowed(folders, checkpoint, tmp_path):
+    queries, refs, _ = folders
+    out = tmp_path / "sub.csv"
+    out.write_text("keep me")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        rerank.run(config(queries, refs, out, checkpoint))
+    assert out.read_text() == "keep me"
+    sub = rerank.run(config(queries, refs, out, checkpoint, overwrite=True))
+    assert len(sub) == 6 and out.read_text().startswith("query_id,reference_id,score")
+
+
+def test_empty_query_folder_gives_header_only_submission(folders, checkpoint, tmp_path, caplog):
+    _, refs, _ = folders
+    empty = tmp_path / "no_queries"
+    empty.mkdir()
+    out = tmp_path / "sub.csv"
+    sub = rerank.run(config(empty, refs, out, checkpoint))
+    assert len(sub) == 0 and out.read_text().strip() == "query_id,reference_id,score"
+    assert "no query images" in caplog.text
+
+
+def test_empty_reference_folder_is_an_error(folders, checkpoint, tmp_path):
+    queries, _, _ = folders
+    (tmp_path / "no_refs").mkdir()
+    with pytest.raises(ValueError, match="no reference images"):
+        rerank.run(config(queries, tmp_path / "no_refs", tmp_path / "sub.csv", checkpoint))
+
+
+def test_pair_reranker_not_available_and_missing_weights(folders, checkpoint, tmp_path, monkeypatch):
+    queries, refs, _ = folders
+    with pytest.raises(ValueError, match="reranker is not available yet.*--descriptor-only"):
+        rerank.run(config(queries, refs, tmp_path / "s.csv", checkpoint, descriptor_only=False))
+    monkeypatch.setattr(rerank, "DEFAULT_CHECKPOINT", tmp_path / "weights" / "descriptor.pt")
+    with pytest.raises(FileNotFoundError, match="--descriptor-checkpoint.*train_descriptor.py"):
+        rerank.run(config(queries, refs, tmp_path / "s.csv", ""))
+
+
+def test_saved_index_is_reused_extended_and_refused_for_another_model(folders, checkpoint, tmp_path, caplog):
+    caplog.set_level("INFO", logger="pair_vit.rerank")
+    queries, refs, originals = folders
+    index_dir = tmp_path / "ref_index"
+    first = rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint, index=str(index_dir)))
+    assert ix.ReferenceIndex.read_metadata(index_dir)["n"] == 6
+    extra = sorted(data.list_images(pair_vit.demo_dir() / "clothing_cc0").values())[10]
+    shutil.copy(extra, refs / extra.name)
+    shutil.copy(extra, queries / "Qextra.jpg")
+    second = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, index=str(index_dir)))
+    meta = ix.ReferenceIndex.read_metadata(index_dir)
+    assert meta["n"] == 7 and meta["model_args"]["embed_dim"] == 32
+    assert "(7 references, 1 new)" in caplog.text  # only the new reference was embedded
+    assert second[second.query_id == "Qextra"].reference_id.iloc[0] == extra.stem
+    for sub in (first, second[second.query_id != "Qextra"]):
+        assert list(sub.groupby("query_id").head(1).reference_id) == originals
+    other = make_checkpoint(tmp_path / "other.pt", embed_dim=16)
+    with pytest.raises(ix.IndexMismatchError, match="16"):
+        rerank.run(config(queries, refs, tmp_path / "c.csv", other, index=str(index_dir)))
+    retrained = make_checkpoint(tmp_path / "retrained.pt", seed=1)
+    with pytest.raises(ix.IndexMismatchError, match="other descriptor weights"):
+        rerank.run(config(queries, refs, tmp_path / "c.csv", retrained, index=str(index_dir)))
+
+
+def test_background_normalisation_and_max_per_query(folders, checkpoint, tmp_path):
+    queries, refs, originals = folders
+    background = tmp_path / "background"
+    background.mkdir()
+    for p in sorted(data.list_images(pair_vit.demo_dir() / "clothing_cc0").values())[20:26]:
+        shutil.copy(p, background / p.name)
+    plain = rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint, max_per_query=2))
+    normed = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, max_per_query=2,
+                               background=str(background), background_n=2))
+    assert plain.groupby("query_id").size().max() == 2
+    assert (normed.score.to_numpy() < plain.score.to_numpy()).all()  # background similarity subtracted
+    assert list(normed.groupby("query_id").head(1).reference_id) == originals
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_two_processes_write_the_single_process_submission(folders, checkpoint, tmp_path):
+    pytest.importorskip("accelerate")
+    queries, refs, _ = folders
+    args = ["--queries", str(queries), "--references", str(refs), "--descriptor-only", "--k", "3",
+            "--descriptor-checkpoint", str(checkpoint), "--views", "halves", "--num-workers", "0", "--no-progress"]
+    single = rerank.run(config(queries, refs, tmp_path / "single.csv", checkpoint, views="halves"))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()), str(ROOT / "scripts" / "rerank.py"), *args,
+                           "--output", str(tmp_path / "multi.csv")],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("rerank (descriptor only)") == 1 and "(2 processes)" in proc.stdout
+    assert (tmp_path / "multi.csv").read_text() == (tmp_path / "single.csv").read_text()
+    assert len(single) == 6
+    skipped = pd.read_csv(tmp_path / "multi.csv.skipped.csv")
+    assert [Path(p).name for p in skipped.path] == ["Qbad.jpg"]
