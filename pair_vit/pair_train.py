@@ -1,0 +1,437 @@
+"""Stage 2 training: the pair ViT on groups of look-alike photos, with accelerate (CPU or GPU, 1..N processes).
+
+    accelerate launch scripts/train_pairs.py                          # demo photos shipped in the package
+    accelerate launch scripts/train_pairs.py --train-dir ../shared/data/train --output-dir runs/pairs \
+        --max-steps 3000 [--config pairs.yaml] [--resume]
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/train_pairs.py ...  # 2 CPU procs
+
+Outputs in --output-dir: checkpoint.pt (model, optimiser, scheduler, step, RNG states, data manifest, config;
+every --checkpoint-every steps and at the end, atomically), pair_vit.pt (final float16 weights, for
+`pair_vit.pair_model.load_pair_model`), config.yaml (resolved config), metrics.csv (training and held-out
+metrics), skipped.csv (unusable photos, if any). `--resume` continues exactly where checkpoint.pt stopped and
+refuses a checkpoint made with another model, input size or data.
+
+Only photos on the "train" side of the fixed train/dev split are used (benchmarks are built from "dev"); about
+`heldout_fraction` of them (by a hash of the id) are held out and scored every --eval-every steps: pair
+accuracy, ROC-AUC, micro-AP and rank-1 within a group. Data, per process: `groups_per_step / processes` groups
+of `group_size` photos per step, every ref x query pair inside a group (see `pair_vit.pair_data`).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate.utils import gather_object
+
+from pair_vit import data, demo_dir
+from pair_vit import pair_data as pd_
+from pair_vit.checkpoint import compare_configs, load_checkpoint, save_checkpoint
+from pair_vit.config import opt, save_config, to_dict
+from pair_vit.pair_model import (KIND, build_pair_model, default_model_args, make_optimizer, pair_metrics,
+                                 save_pair_model, score_pairs)
+
+log = logging.getLogger(__name__)
+
+HELDOUT_KEYS = ("auc", "ap", "accuracy", "rank1")
+METRIC_COLUMNS = ("step", "loss", "lr", "intensity_cap", "pairs_per_s", "data_wait",
+                  *(f"heldout_{k}" for k in HELDOUT_KEYS))
+
+# Config fields a resumed run must share with its checkpoint (it also must see the same photos).
+RESUME_KEYS = ("backbone", "input_size", "stem", "half_marker", "backbone_kwargs", "progressive_min_height",
+               "split", "split_seed", "dev_fraction", "heldout_fraction", "descriptor_checkpoint", "neighbours",
+               "group_size", "groups_per_step", "random_fraction", "max_edits", "n_donors", "load_side",
+               "intensity_start", "intensity_end", "ramp_fraction", "seed")
+
+
+@dataclass
+class TrainPairsConfig:
+    """Train the pair ViT (reference | query side by side -> copy logit) on groups of look-alike photos."""
+
+    train_dir: str = opt("", "folder of training photos, nested or not (empty: the demo photos in the package)")
+    output_dir: str = opt("runs/pairs", "folder for checkpoint.pt, pair_vit.pt, config.yaml, metrics.csv")
+    split: str = opt("train", "side of the fixed train/dev split to train on (all: a folder no benchmark uses)",
+                     choices=("train", "all"))
+    split_seed: int = opt(0, "seed of the train/dev split; must match the benchmark's")
+    dev_fraction: float = opt(0.25, "fraction of photos in the dev side of the split")
+    heldout_fraction: float = opt(0.05, "fraction of the training photos held out for evaluation (by hash)")
+    descriptor_checkpoint: str = opt("", "stage-1 descriptor used to find look-alike photos (hard negatives); "
+                                         "empty: a colour/layout thumbnail")
+    neighbours: int = opt(16, "look-alike candidates per photo that group members are drawn from")
+    backbone: str = opt("vit_tiny_patch16_224", "timm ViT name (vit_tiny/small/base_patch16_224, ...)")
+    input_size: list = opt([112, 224], "pair image height and width; each half is H x W/2")
+    stem: str = opt("conv", "patch embedding: conv (4 stride-2 3x3 convs) or patch (16x16)", choices=("conv", "patch"))
+    half_marker: bool = opt(True, "learned embedding telling reference tokens from query tokens")
+    backbone_kwargs: dict = opt({}, "extra timm arguments as YAML, e.g. '{depth: 2, embed_dim: 64, num_heads: 2}'")
+    pretrained: str = opt("", "initialise the backbone: a local weights file, a hub id or 'default' (needs a hub)")
+    group_size: int = opt(4, "photos per group: G positives and G*(G-1) hard negatives")
+    groups_per_step: int = opt(8, "groups per optimisation step over all processes (G*G pairs each)")
+    random_fraction: float = opt(0.25, "chance a group member is a random photo instead of a look-alike")
+    max_edits: int = opt(3, "each group's edit chain has 1..max_edits edits")
+    n_donors: int = opt(3, "donor photos (from outside the group) offered to paste/collage edits")
+    load_side: int = opt(0, "photos are decoded with their longest side at most this (0: max(256, 2 x height))")
+    intensity_start: float = opt(0.1, "curriculum: edit intensity ceiling at step 0 (0 mild .. 1 hardest)")
+    intensity_end: float = opt(1.0, "curriculum: ceiling at the end of the ramp")
+    ramp_fraction: float = opt(0.5, "fraction of the schedule over which intensity (and resolution) ramp up")
+    progressive_min_height: int = opt(0, "progressive resolution: half height at step 0 (0: off)")
+    max_steps: int = opt(2000, "optimisation steps; the lr schedule and curriculum are laid out over them")
+    stop_at: int = opt(0, "stop (with a checkpoint) after this many steps without changing the schedule; 0: max_steps")
+    lr: float = opt(5e-4, "peak AdamW learning rate")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on norms, biases, embeddings)")
+    warmup_steps: int = opt(100, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = opt(0.01, "final learning rate as a fraction of --lr")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
+    amp: bool = opt(True, "bf16 autocast (--no-amp: float32)")
+    seed: int = opt(0, "seed for initialisation and groups: same seed and photos give the same run")
+    num_workers: int = opt(1, "DataLoader worker processes per process building groups (0: in the main process)")
+    threads: int = opt(0, "torch threads per process (0: CPU cores / processes)")
+    eval_every: int = opt(250, "score the held-out pairs every this many steps (0: only at the end)")
+    eval_groups: int = opt(48, "held-out groups scored (G*G pairs each)")
+    eval_batch_size: int = opt(64, "pairs per forward pass when scoring")
+    checkpoint_every: int = opt(250, "write checkpoint.pt every this many steps (and at the end)")
+    log_every: int = opt(10, "log loss, lr and pairs/s every this many steps")
+    resume: bool = opt(False, "continue from output_dir/checkpoint.pt")
+    overwrite: bool = opt(False, "start over even if output_dir holds a checkpoint")
+    progress: bool = opt(True, "progress bar")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def resolve(cfg: TrainPairsConfig) -> TrainPairsConfig:
+    """Parse --backbone-kwargs given as YAML text and check values; returns cfg (modified in place)."""
+    if isinstance(cfg.backbone_kwargs, str):
+        cfg.backbone_kwargs = yaml.safe_load(cfg.backbone_kwargs) or {}
+    if not isinstance(cfg.backbone_kwargs, dict):
+        raise ValueError(f"--backbone-kwargs must be a mapping, got {cfg.backbone_kwargs!r}")
+    cfg.input_size = [int(s) for s in cfg.input_size]
+    if len(cfg.input_size) != 2 or cfg.input_size[1] % 2:
+        raise ValueError(f"--input-size must be H W with an even W, got {cfg.input_size}")
+    if cfg.group_size < 2 or cfg.groups_per_step < 1 or cfg.max_steps < 0:
+        raise ValueError("--group-size must be >= 2, --groups-per-step >= 1 and --max-steps >= 0")
+    return cfg
+
+
+def model_args(cfg: TrainPairsConfig) -> dict[str, Any]:
+    return default_model_args(backbone=cfg.backbone, input_size=cfg.input_size, stem=cfg.stem,
+                              half_marker=cfg.half_marker, backbone_kwargs=cfg.backbone_kwargs,
+                              dynamic_size=cfg.progressive_min_height > 0)
+
+
+def group_settings(cfg: TrainPairsConfig, mean, std) -> pd_.GroupSettings:
+    """How the training groups are drawn, edited and sized (the curriculum laid out over max_steps)."""
+    return pd_.GroupSettings(
+        group_size=cfg.group_size, random_fraction=cfg.random_fraction, n_edits=(1, cfg.max_edits),
+        n_donors=cfg.n_donors, load_side=cfg.load_side or max(256, 2 * cfg.input_size[0]),
+        half_height=cfg.input_size[0],
+        intensity_start=cfg.intensity_start, intensity_end=cfg.intensity_end,
+        ramp_steps=int(cfg.ramp_fraction * cfg.max_steps), progressive_min_height=cfg.progressive_min_height,
+        groups_per_step=cfg.groups_per_step, mean=mean, std=std)
+
+
+def build_eval_set(heldout: pd_.Photos, cfg: TrainPairsConfig, settings: pd_.GroupSettings, accelerator):
+    """This process's held-out groups (refs, queries, n_groups), the same at every evaluation; None if too few."""
+    if len(heldout.ids) < cfg.group_size or cfg.eval_groups < 1:
+        if accelerator.is_main_process:
+            log.warning("held-out evaluation off: %d held-out photos, need >= %d", len(heldout.ids), cfg.group_size)
+        return None
+    fixed = dataclasses.replace(settings, fixed_intensity=(cfg.intensity_start, cfg.intensity_end))
+    per = math.ceil(cfg.eval_groups / accelerator.num_processes)  # equal shares: gather needs equal shapes
+    return pd_.fixed_groups(heldout, fixed, cfg.neighbours, cfg.seed + 7919,
+                            range(accelerator.process_index * per, (accelerator.process_index + 1) * per),
+                            min(cfg.num_workers, 1))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def prepare_output(cfg: TrainPairsConfig, accelerator) -> tuple[Path, dict[str, Any] | None]:
+    """Check output_dir against --resume/--overwrite; return (path of checkpoint.pt, the checkpoint or None)."""
+    out = Path(cfg.output_dir)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.is_file() and not cfg.resume:
+        if not cfg.overwrite:
+            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or --overwrite to start over")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name in ("checkpoint.pt", "pair_vit.pt", "metrics.csv", "skipped.csv"):
+                (out / name).unlink(missing_ok=True)
+    if cfg.resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: nothing to resume, {ckpt_path} not found")
+    return ckpt_path, load_checkpoint(ckpt_path, kind=KIND) if cfg.resume else None
+
+
+def check_resumable(ckpt: dict[str, Any], cfg: TrainPairsConfig, args: dict[str, Any], manifest: str, path) -> None:
+    """Refuse to resume with another model, input size or data: the message names every difference."""
+    diffs = list(compare_configs(ckpt["config"], to_dict(cfg), RESUME_KEYS))
+    if json.dumps(ckpt["model_args"], sort_keys=True) != json.dumps(args, sort_keys=True) and not diffs:
+        diffs.append(f"model_args: {ckpt['model_args']} != {args}")
+    saved_manifest = (ckpt.get("extra") or {}).get("manifest")
+    if saved_manifest != manifest:
+        diffs.append(f"training photos: manifest {saved_manifest} != {manifest} (photos added, removed or changed)")
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: it was made with a different config: " + "; ".join(diffs)
+                         + " (use another --output-dir or --overwrite)")
+
+
+def rng_states() -> dict[str, Any]:
+    """torch, numpy and python RNG states as tensors and plain values (checkpoints load with weights_only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def restore(ckpt: dict[str, Any], model, optimizer, scheduler, accelerator) -> int:
+    """Load weights, optimiser, scheduler and this process's RNG states; returns the step to continue from."""
+    model.load_state_dict(ckpt["model_state"])
+    extra = ckpt["extra"]
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    rngs = extra.get("rng") or []
+    if extra.get("world_size") == accelerator.num_processes and accelerator.process_index < len(rngs):
+        state = rngs[accelerator.process_index]
+        torch.set_rng_state(state["torch"])
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
+        random.setstate(_as_tuples(state["python"]))
+    elif accelerator.is_main_process:
+        log.warning("checkpoint made with %s processes, now %d: RNG states not restored",
+                    extra.get("world_size"), accelerator.num_processes)
+    return int(ckpt["step"])
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate wants the nested tuples random.getstate gave (a checkpoint may hand back lists)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loader(photos: pd_.Photos, settings, cfg: TrainPairsConfig, start: int, stop: int, accelerator):
+    """This process's groups for steps [start, stop); one batch per step, seeded from (seed, start)."""
+    groups = pd_.PairGroups(photos.paths, pd_.nearest_neighbours(photos.vectors, cfg.neighbours), settings, cfg.seed)
+    sampler = pd_.StepSampler(start, stop, cfg.groups_per_step, accelerator.process_index,
+                              accelerator.num_processes)
+    return torch.utils.data.DataLoader(
+        groups, sampler=sampler, batch_size=cfg.groups_per_step // accelerator.num_processes,
+        num_workers=cfg.num_workers, collate_fn=pd_.collate_groups, worker_init_fn=pd_.worker_init,
+        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + start),
+        prefetch_factor=4 if cfg.num_workers else None)
+
+
+@dataclass
+class Trainer:
+    """The prepared model and optimiser plus what the loop logs and saves; main-process-only output."""
+
+    cfg: TrainPairsConfig
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    settings: pd_.GroupSettings
+    eval_set: Any
+    extra: dict[str, Any]  # saved in every checkpoint (data manifest, photo counts, held-out metrics)
+    report: data.SkipReport
+    metrics: dict[str, float] | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimisation step on every ref x query pair of the batch's groups; returns the detached loss."""
+        acc = self.accelerator
+        refs, queries = batch["refs"].to(acc.device), batch["queries"].to(acc.device)
+        ri, qi, labels = pd_.pair_indices(batch["n_groups"], batch["group_size"])
+        with acc.autocast():
+            logits = self.model(refs[ri], queries[qi])  # (n*G*G,)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.to(acc.device))
+        acc.backward(loss)
+        if self.cfg.grad_clip > 0:
+            acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append a row to metrics.csv (main process; a resumed run appends to the same file)."""
+        if self.main:
+            path = Path(self.cfg.output_dir) / "metrics.csv"
+            new = not path.exists()
+            with open(path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, restval="")
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+
+    def evaluate(self, step: int) -> None:
+        """Score this process's held-out pairs, gather all processes' (same metrics everywhere), log them."""
+        if self.eval_set is None:
+            return
+        refs, queries, n_groups = self.eval_set
+        ri, qi, labels = pd_.pair_indices(n_groups, self.cfg.group_size)
+        probs = score_pairs(self.accelerator.unwrap_model(self.model), refs[ri], queries[qi],
+                            self.cfg.eval_batch_size, self.cfg.amp)
+        both = self.accelerator.gather_for_metrics(torch.stack([torch.from_numpy(probs), labels], 1)).cpu().numpy()
+        m = self.metrics = pair_metrics(both[:, 0], both[:, 1], self.cfg.group_size)
+        self.log({"step": step, **{f"heldout_{k}": round(m[k], 5) for k in HELDOUT_KEYS}})
+        if self.main:
+            log.info("step %d held-out: AUC %.4f, AP %.4f, accuracy %.4f, rank-1 %.4f (%d pairs)", step,
+                     m["auc"], m["ap"], m["accuracy"], m["rank1"], m["pairs"])
+
+    def save(self, step: int) -> None:
+        """checkpoint.pt with everything --resume needs (RNG states of every process), by the main process."""
+        rngs = gather_object([rng_states()])
+        if self.main:
+            net = self.accelerator.unwrap_model(self.model)
+            extra = {**self.extra, "heldout": self.metrics, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "rng": rngs,
+                     "world_size": self.accelerator.num_processes}
+            save_checkpoint(Path(self.cfg.output_dir) / "checkpoint.pt", kind=KIND, model_args=net.model_args,
+                            model_state=net.state_dict(), config=to_dict(self.cfg), step=step, extra=extra)
+        self.accelerator.wait_for_everyone()
+
+    def loop(self, start: int, stop: int, train: pd_.Photos) -> int:
+        """Steps [start, stop) with logging, evaluation and checkpoints; returns the last step."""
+        from tqdm import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        bar = tqdm(total=stop, initial=start, desc="train pairs", disable=not (self.main and cfg.progress),
+                   dynamic_ncols=True)
+        step, losses, pairs, wait, paused = start, [], 0, 0.0, 0.0
+        t_window = t_fetch = time.perf_counter()
+        self.model.train()
+        for batch in train_loader(train, self.settings, cfg, start, stop, acc):
+            wait += time.perf_counter() - t_fetch
+            self.report.entries.extend((Path(p), r) for p, r in batch["skipped"])
+            losses.append(self.step(batch))
+            pairs += batch["n_groups"] * batch["group_size"] ** 2 * acc.num_processes
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == stop:
+                loss = acc.reduce(torch.stack(losses).mean(), "mean").item()
+                dt = time.perf_counter() - t_window
+                record = {"step": step, "loss": round(loss, 5), "lr": round(self.scheduler.get_last_lr()[0], 7),
+                          "intensity_cap": round(self.settings.intensity_range(step)[1], 3),
+                          "pairs_per_s": round(pairs / max(dt - paused, 1e-9), 1), "data_wait": round(wait / dt, 3)}
+                self.log(record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", pairs_s=record["pairs_per_s"])
+                if self.main and not cfg.progress:
+                    log.info("step %d/%d loss %.4f lr %.2e cap %.2f %.1f pairs/s", step, cfg.max_steps, loss,
+                             record["lr"], record["intensity_cap"], record["pairs_per_s"])
+                losses, pairs, wait, paused, t_window = [], 0, 0.0, 0.0, time.perf_counter()
+            t_pause = time.perf_counter()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < stop:
+                self.evaluate(step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop:
+                self.save(step)
+            paused += time.perf_counter() - t_pause
+            t_fetch = time.perf_counter()
+        bar.close()
+        return step
+
+
+def setup_threads(cfg: TrainPairsConfig, world: int) -> None:
+    # `accelerate launch` sets OMP_NUM_THREADS=1 for a single process: use the cores we were given instead.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(cfg.threads or max(1, cores // world))
+
+
+def load_photos(cfg: TrainPairsConfig, accelerator, report: data.SkipReport):
+    """(training photos, held-out photos, data manifest hash) of the configured folder and split."""
+    folder = Path(cfg.train_dir) if cfg.train_dir else Path(str(demo_dir()))
+    images = data.split_images(data.list_images(folder), cfg.split, seed=cfg.split_seed, dev_fraction=cfg.dev_fraction)
+    with accelerator.split_between_processes(list(images.items())) as mine:  # each process scans its share
+        photos = pd_.find_photos(dict(mine), report, gather_object, cfg.descriptor_checkpoint, cfg.num_workers,
+                                 cfg.amp, accelerator.device, cfg.progress and accelerator.is_main_process)
+    pd_.check_enough(len(photos.ids), cfg.group_size, f"{folder} (split {cfg.split!r})")
+    train, heldout = pd_.split_heldout(photos, cfg.split_seed, cfg.heldout_fraction)
+    pd_.check_enough(len(train.ids), cfg.group_size, f"{folder}: training photos outside the held-out part")
+    return train, heldout, pd_.manifest_hash(images)
+
+
+def run(cfg: TrainPairsConfig) -> dict[str, Any]:
+    """Train (or resume) as configured; returns the summary (held-out metrics, steps, pairs/s) on every process."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+    resolve(cfg)
+    # A long timeout: processes wait for each other while photos are scanned and held-out groups built.
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.amp else "no",
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))])
+    if not accelerator.is_main_process:
+        logging.getLogger("pair_vit").setLevel(logging.ERROR)
+    setup_threads(cfg, accelerator.num_processes)
+    if cfg.groups_per_step % accelerator.num_processes:
+        raise ValueError(f"--groups-per-step {cfg.groups_per_step} must be a multiple of the "
+                         f"{accelerator.num_processes} processes")
+    ckpt_path, ckpt = prepare_output(cfg, accelerator)
+    report = data.SkipReport()
+    train, heldout, manifest = load_photos(cfg, accelerator, report)
+    set_seed(cfg.seed)  # same initial weights on every process
+    model = build_pair_model(model_args(cfg), cfg.pretrained)
+    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps,
+                                          cfg.min_lr_ratio)
+    start = 0
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, model.model_args, manifest, ckpt_path)
+        start = restore(ckpt, model, optimizer, scheduler, accelerator)
+    else:
+        torch.manual_seed(cfg.seed * 1000 + accelerator.process_index + 1)
+    # The scheduler is not prepared: accelerate's wrapper would step it once per process per step.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stop = max(start, min(cfg.stop_at or cfg.max_steps, cfg.max_steps))
+    settings = group_settings(cfg, model_args(cfg)["mean"], model_args(cfg)["std"])
+    extra = {"manifest": manifest, "photos": len(train.ids), "heldout_photos": len(heldout.ids)}
+    trainer = Trainer(cfg, accelerator, model, optimizer, scheduler, settings,
+                      build_eval_set(heldout, cfg, settings, accelerator), extra, report)
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        log.info("%d training photos, %d held out, %d skipped; %s at step %d, stopping at %d of %d (%d processes)",
+                 len(train.ids), len(heldout.ids), len(report), f"resumed from {ckpt_path}" if ckpt else "starting",
+                 start, stop, cfg.max_steps, accelerator.num_processes)
+    t0 = time.perf_counter()
+    step = trainer.loop(start, stop, train)
+    seconds = time.perf_counter() - t0
+    return finish(trainer, start, step, seconds, resumed=ckpt is not None)
+
+
+def finish(trainer: Trainer, start: int, step: int, seconds: float, resumed: bool) -> dict[str, Any]:
+    """Final evaluation, checkpoint.pt, pair_vit.pt (float16), skipped.csv and the one summary line."""
+    cfg, acc, report = trainer.cfg, trainer.accelerator, trainer.report
+    trainer.evaluate(step)
+    report.entries = list(dict.fromkeys(e for part in gather_object([report.entries]) for e in part))
+    trainer.extra["skipped"] = len(report)
+    trainer.save(step)
+    out, m = Path(cfg.output_dir), trainer.metrics
+    summary = {"start_step": start, "step": step, "resumed": resumed, "heldout": m, "skipped": len(report),
+               "pairs_per_s": (step - start) * cfg.groups_per_step * cfg.group_size ** 2 / max(seconds, 1e-9)}
+    if trainer.main:
+        save_pair_model(out / "pair_vit.pt", acc.unwrap_model(trainer.model), config=to_dict(cfg), step=step,
+                        extra={**trainer.extra, "heldout": m})
+        if len(report):
+            report.write_csv(out / "skipped.csv")
+            log.warning("%s; listed in %s", report.summary(), out / "skipped.csv")
+        held = (f"held-out AUC {m['auc']:.4f} AP {m['ap']:.4f} accuracy {m['accuracy']:.4f} rank-1 {m['rank1']:.4f}"
+                if m else "no held-out evaluation")
+        origin = f"resumed from step {start}" if resumed else "from scratch"
+        world = acc.num_processes
+        print(f"train_pairs: step {step} ({origin}), {summary['pairs_per_s']:.1f} training pairs/s ({world} "
+              f"process{'es' if world > 1 else ''}), {held}, {len(report)} images skipped -> {out / 'pair_vit.pt'}",
+              flush=True)
+    acc.wait_for_everyone()
+    return summary
