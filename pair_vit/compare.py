@@ -1,0 +1,185 @@
+"""Every matcher on one benchmark, in one process: the table behind the README's figures.
+
+Rows: the peers (PDQ, pHash, SIFT + RANSAC) and the descriptor shortlist (per query-view setting, with and
+without background score normalisation), each with uAP, recall@P90, recall@1, recall@k of the top-k list
+and wall time. Machine-dependent timings are also given as a ratio to PDQ run in the same process.
+A second table measures how faiss search time grows with the reference-set size (Flat vs IVF-PQ).
+
+    python scripts/benchmark.py --benchmark benchmarks/dev --background ../shared/data/train
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from pair_vit import baselines, data
+from pair_vit import eval as evaluation
+from pair_vit.config import opt, save_config
+from pair_vit.io import atomic_path, write_text_atomic
+
+RECALL_KS = (1, 5, 10, 20, 50)
+
+
+@dataclass
+class CompareConfig:
+    """Run every matcher on a benchmark and write results.csv / results.md (+ search-scaling table)."""
+
+    benchmark: str = opt("", "benchmark folder written by scripts/make_benchmark.py")
+    out: str = opt("", "folder for the tables (default: BENCHMARK/results)")
+    methods: list = opt(["pdq", "phash", "sift", "descriptor"], "matchers to run")
+    k: int = opt(50, "predictions per query (recall@k is reported up to this k)")
+    descriptor_checkpoint: str = opt("", "descriptor weights (default: the ones shipped in the package)")
+    views: list = opt(["full", "halves"], "descriptor query-view settings to compare (full, halves, grid)")
+    background: str = opt("", "folder of photos for score normalisation (its train split is used; must not "
+                              "overlap the benchmark); empty: no normalised rows")
+    background_split: str = opt("train", "which side of the fixed split of --background to use",
+                                choices=("train", "all"))
+    background_max: int = opt(2000, "at most this many background photos")
+    batch_size: int = opt(64, "descriptor batch size")
+    amp: bool = opt(True, "bf16 autocast for the descriptor")
+    scaling_sizes: list = opt([1000, 10000, 100000, 1000000], "reference-set sizes for the faiss search-time "
+                                                                 "table (0 to skip)")
+    scaling_queries: int = opt(1000, "queries searched per size in the scaling table")
+
+
+def _metrics_row(name: str, variant: str, submission: pd.DataFrame, gt: pd.DataFrame, seconds: float,
+                 n_images: int) -> dict:
+    m = evaluation.evaluate(submission, gt)
+    from pair_vit.index import recall_at_k
+
+    recalls = recall_at_k(submission, gt, RECALL_KS)
+    return {"method": name, "variant": variant, "uAP": m.uap, "recall@P90": m.recall_at_p90,
+            "threshold@P90": m.threshold_at_p90, "recall@1": m.recall_at_1,
+            **{f"R@{k}": v for k, v in recalls.items()},
+            "seconds": seconds, "images/s": n_images / seconds if seconds > 0 else float("nan")}
+
+
+def _timed(fn: Callable[[], pd.DataFrame]) -> tuple[pd.DataFrame, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def peer_rows(method: str, layout: data.DiscLayout, cfg: CompareConfig, gt: pd.DataFrame) -> list[dict]:
+    q, r = layout.query_images(), layout.reference_images()
+    if method == "sift":
+        sub, sec = _timed(lambda: baselines.sift_submission(q, r, k=min(cfg.k, 20), candidates=20))
+    else:
+        sub, sec = _timed(lambda: baselines.hash_submission(q, r, method, k=cfg.k))
+    return [_metrics_row(method, "", sub, gt, sec, len(q) + len(r))]
+
+
+def _background(cfg: CompareConfig) -> dict[str, Path] | None:
+    if not cfg.background:
+        return None
+    images = data.split_images(data.list_images(cfg.background), cfg.background_split)
+    ids = sorted(images)[: cfg.background_max]
+    return {i: images[i] for i in ids}
+
+
+def descriptor_rows(layout: data.DiscLayout, cfg: CompareConfig, gt: pd.DataFrame) -> list[dict]:
+    """Descriptor shortlist for each view setting, plain and (with --background) score-normalised."""
+    from pair_vit import index as ix
+    from pair_vit.descriptor import load_descriptor
+    from pair_vit.rerank import DEFAULT_CHECKPOINT
+
+    model, _ = load_descriptor(cfg.descriptor_checkpoint or DEFAULT_CHECKPOINT)
+    q, r = layout.query_images(), layout.reference_images()
+    embed = dict(batch_size=cfg.batch_size, amp=cfg.amp)
+    index, ref_sec = _timed(lambda: ix.update_reference_index(model, r, None, **embed))
+    bg_images = _background(cfg)
+    bg = ix.build_background(model, bg_images, **embed) if bg_images else None
+    rows = []
+    for views in cfg.views:
+        (q_ids, q_vec, owner), q_sec = _timed(lambda: ix.embed_folder(model, q, views=views, **embed))
+        for name, background in [("", None)] + ([("+norm", bg)] if bg is not None else []):
+            sub, s_sec = _timed(lambda: ix.search_views(index, q_ids, q_vec, owner, cfg.k, background))
+            seconds = ref_sec + q_sec + s_sec
+            rows.append(_metrics_row("descriptor", views + name, sub, gt, seconds, len(q) + len(r)))
+    return rows
+
+
+def model_throughput(cfg: CompareConfig, n: int = 512) -> dict:
+    """Descriptor forward passes per second on preprocessed tensors (no decoding), bf16 and fp32."""
+    import torch
+
+    from pair_vit.descriptor import embed, load_descriptor
+    from pair_vit.rerank import DEFAULT_CHECKPOINT
+
+    model, _ = load_descriptor(cfg.descriptor_checkpoint or DEFAULT_CHECKPOINT)
+    x = torch.randn(n, 3, model.image_size, model.image_size)
+    embed(model, x[:64], cfg.batch_size)  # warm-up
+    out = {}
+    for amp in (True, False):
+        _, sec = _timed(lambda: embed(model, x, cfg.batch_size, amp=amp))
+        out["bf16" if amp else "fp32"] = n / sec
+    return out
+
+
+def search_scaling(sizes: list[int], n_queries: int, dim: int = 256, seed: int = 0) -> pd.DataFrame:
+    """Search time of n_queries random unit vectors against N random references, Flat vs IVF-PQ."""
+    from pair_vit.index import ReferenceIndex
+
+    rng = np.random.default_rng(seed)
+    queries = _unit(rng.standard_normal((n_queries, dim), dtype=np.float32))
+    rows = []
+    for n in (s for s in sizes if s > 0):
+        refs = _unit(rng.standard_normal((n, dim), dtype=np.float32))
+        ids = [str(i) for i in range(n)]
+        factories = ["Flat"] + ([f"IVF{_nlist(n)},PQ32"] if n >= 10000 else [])
+        for factory in factories:
+            index, build_sec = _timed(lambda: ReferenceIndex.build(ids, refs, factory=factory))
+            _, search_sec = _timed(lambda: index.search(queries, 10))
+            rows.append({"references": n, "index": factory, "build s": build_sec,
+                         "search s": search_sec, "ms/query": 1000 * search_sec / n_queries})
+    return pd.DataFrame(rows)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _nlist(n: int) -> int:
+    return int(min(4096, max(64, 4 * np.sqrt(n))))
+
+
+def _write(table: pd.DataFrame, out: Path, name: str, title: str, command: str) -> None:
+    with atomic_path(out / f"{name}.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    md = f"### {title}\n\n`{command}`\n\n{table.to_markdown(index=False, floatfmt='.3f')}\n"
+    write_text_atomic(out / f"{name}.md", md)
+    print(md)
+
+
+def run(cfg: CompareConfig, command: str | None = None) -> pd.DataFrame:
+    """Write results.{csv,md} (and search_scaling.{csv,md}) under cfg.out; return the matcher table."""
+    command = command or "python " + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+    if not cfg.benchmark:
+        raise ValueError("--benchmark is required (a folder written by scripts/make_benchmark.py)")
+    layout = data.DiscLayout.from_root(cfg.benchmark)
+    gt = layout.load_ground_truth()
+    out = Path(cfg.out) if cfg.out else Path(cfg.benchmark) / "results"
+    save_config(cfg, out / "config.yaml")
+    rows = []
+    for method in cfg.methods:
+        rows += descriptor_rows(layout, cfg, gt) if method == "descriptor" else peer_rows(method, layout, cfg, gt)
+    table = pd.DataFrame(rows)
+    if "pdq" in set(table.method):
+        table["time vs pdq"] = table.seconds / float(table.loc[table.method == "pdq", "seconds"].iloc[0])
+    _write(table, out, "results", f"Matchers on {cfg.benchmark}", command)
+    if "descriptor" in cfg.methods:
+        speed = model_throughput(cfg)
+        print(f"descriptor forward passes: {speed['bf16']:.0f} img/s bf16, {speed['fp32']:.0f} img/s fp32")
+    if any(s > 0 for s in cfg.scaling_sizes):
+        _write(search_scaling(cfg.scaling_sizes, cfg.scaling_queries), out, "search_scaling",
+               "faiss search time vs reference-set size (random 256-d vectors, top-10)", command)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak memory {peak:.0f} MB")
+    return table
