@@ -47,6 +47,18 @@ class CompareConfig:
     scaling_sizes: list = opt([1000, 10000, 100000, 1000000], "reference-set sizes for the faiss search-time "
                                                                  "table (0 to skip)")
     scaling_queries: int = opt(1000, "queries searched per size in the scaling table")
+    pr_curves: bool = opt(True, "write a precision-recall curve PNG per matcher")
+    save_submissions: bool = opt(True, "write each matcher's submission CSV next to the tables")
+
+
+def _save_artefacts(label: str, submission: pd.DataFrame, gt: pd.DataFrame, cfg: CompareConfig, out: Path) -> None:
+    if cfg.save_submissions:
+        with atomic_path(out / f"{label}.csv") as tmp:
+            submission.to_csv(tmp, index=False)
+    if cfg.pr_curves:
+        precision, recall, _ = evaluation.precision_recall_curve(
+            submission.score.to_numpy(), evaluation.label_predictions(submission, gt), len(gt))
+        evaluation.write_pr_curve(out / f"pr_{label}.png", precision, recall, title=label)
 
 
 def _metrics_row(name: str, variant: str, submission: pd.DataFrame, gt: pd.DataFrame, seconds: float,
@@ -67,13 +79,18 @@ def _timed(fn: Callable[[], pd.DataFrame]) -> tuple[pd.DataFrame, float]:
     return out, time.perf_counter() - start
 
 
-def peer_rows(method: str, layout: data.DiscLayout, cfg: CompareConfig, gt: pd.DataFrame) -> list[dict]:
+Result = tuple[str, str, pd.DataFrame, float]  # (method, variant, submission, wall seconds)
+
+
+def peer_results(method: str, layout: data.DiscLayout, cfg: CompareConfig) -> list[Result]:
     q, r = layout.query_images(), layout.reference_images()
     if method == "sift":
         sub, sec = _timed(lambda: baselines.sift_submission(q, r, k=min(cfg.k, 20), candidates=20))
-    else:
+    elif method in baselines.HASH_METHODS:
         sub, sec = _timed(lambda: baselines.hash_submission(q, r, method, k=cfg.k))
-    return [_metrics_row(method, "", sub, gt, sec, len(q) + len(r))]
+    else:
+        raise ValueError(f"unknown matcher {method!r}; available: {list(baselines.METHODS) + ['descriptor']}")
+    return [(method, "", sub, sec)]
 
 
 def _background(cfg: CompareConfig) -> dict[str, Path] | None:
@@ -84,7 +101,7 @@ def _background(cfg: CompareConfig) -> dict[str, Path] | None:
     return {i: images[i] for i in ids}
 
 
-def descriptor_rows(layout: data.DiscLayout, cfg: CompareConfig, gt: pd.DataFrame) -> list[dict]:
+def descriptor_results(layout: data.DiscLayout, cfg: CompareConfig) -> list[Result]:
     """Descriptor shortlist for each view setting, plain and (with --background) score-normalised."""
     from pair_vit import index as ix
     from pair_vit.descriptor import load_descriptor
@@ -101,8 +118,7 @@ def descriptor_rows(layout: data.DiscLayout, cfg: CompareConfig, gt: pd.DataFram
         (q_ids, q_vec, owner), q_sec = _timed(lambda: ix.embed_folder(model, q, views=views, **embed))
         for name, background in [("", None)] + ([("+norm", bg)] if bg is not None else []):
             sub, s_sec = _timed(lambda: ix.search_views(index, q_ids, q_vec, owner, cfg.k, background))
-            seconds = ref_sec + q_sec + s_sec
-            rows.append(_metrics_row("descriptor", views + name, sub, gt, seconds, len(q) + len(r)))
+            rows.append(("descriptor", views + name, sub, ref_sec + q_sec + s_sec))
     return rows
 
 
@@ -167,9 +183,14 @@ def run(cfg: CompareConfig, command: str | None = None) -> pd.DataFrame:
     gt = layout.load_ground_truth()
     out = Path(cfg.out) if cfg.out else Path(cfg.benchmark) / "results"
     save_config(cfg, out / "config.yaml")
+    n_images = len(layout.query_images()) + len(layout.reference_images())
     rows = []
     for method in cfg.methods:
-        rows += descriptor_rows(layout, cfg, gt) if method == "descriptor" else peer_rows(method, layout, cfg, gt)
+        results = descriptor_results(layout, cfg) if method == "descriptor" else peer_results(method, layout, cfg)
+        for name, variant, sub, seconds in results:
+            rows.append(_metrics_row(name, variant, sub, gt, seconds, n_images))
+            _save_artefacts(f"{name}_{variant}" if variant else name, sub, gt, cfg, out)
+            print(f"{name} {variant}: uAP {rows[-1]['uAP']:.4f}  ({seconds:.1f} s)")
     table = pd.DataFrame(rows)
     if "pdq" in set(table.method):
         table["time vs pdq"] = table.seconds / float(table.loc[table.method == "pdq", "seconds"].iloc[0])

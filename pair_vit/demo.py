@@ -9,16 +9,13 @@ join this table as their stages land.
 """
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from pair_vit import baselines, benchmark, data, eval as evaluation
+from pair_vit import benchmark, compare, data
 from pair_vit.config import load_yaml, opt, to_dict
-from pair_vit.io import atomic_path
 
 
 @dataclass
@@ -50,35 +47,13 @@ def ensure_benchmark(bcfg: benchmark.BenchmarkConfig) -> data.DiscLayout:
     return benchmark.run(bcfg)
 
 
-def run_matcher(method: str, layout: data.DiscLayout, k: int) -> pd.DataFrame:
-    if method in baselines.HASH_METHODS:
-        return baselines.hash_submission(layout.query_images(), layout.reference_images(), method, k)
-    if method == "sift":
-        return baselines.sift_submission(layout.query_images(), layout.reference_images(), k)
-    raise ValueError(f"unknown matcher {method!r}; available: {baselines.METHODS}")
-
-
-def evaluate_matcher(method: str, layout: data.DiscLayout, cfg: DemoConfig) -> dict:
-    """Run one matcher, save its submission and PR curve, return a results row."""
-    start = time.perf_counter()
-    submission = run_matcher(method, layout, cfg.k)
-    seconds = time.perf_counter() - start
-    with atomic_path(Path(cfg.out) / f"{method}.csv") as tmp:
-        submission.to_csv(tmp, index=False)
-    gt = layout.load_ground_truth()
-    metrics = evaluation.evaluate(submission, gt)
-    precision, recall, _ = evaluation.precision_recall_curve(
-        submission.score.to_numpy(), evaluation.label_predictions(submission, gt), len(gt))
-    evaluation.write_pr_curve(Path(cfg.out) / f"pr_{method}.png", precision, recall, title=f"{method} on the demo")
-    print(f"{method:>8}: {evaluation.format_metrics(metrics)}  ({seconds:.1f} s)")
-    return {"method": method, **dataclasses.asdict(metrics), "seconds": round(seconds, 2)}
+def compare_config(cfg: DemoConfig) -> compare.CompareConfig:
+    return compare.CompareConfig(benchmark=str(Path(cfg.out) / "benchmark"), out=cfg.out, methods=list(cfg.methods),
+                                 k=cfg.k, views=["full"], scaling_sizes=[0])
 
 
 def run(cfg: DemoConfig) -> pd.DataFrame:
-    layout = ensure_benchmark(benchmark_config(cfg))
-    rows = [evaluate_matcher(m, layout, cfg) for m in cfg.methods]
-    table = pd.DataFrame(rows)
-    with atomic_path(Path(cfg.out) / "results.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    ensure_benchmark(benchmark_config(cfg))
+    table = compare.run(compare_config(cfg), command="python scripts/demo.py")
     print(f"results: {Path(cfg.out) / 'results.csv'}")
     return table
