@@ -57,3 +57,17 @@ def test_save_round_trip(tmp_path):
     save_config(cfg, tmp_path / "run" / "config.yaml")
     again = parse_config(ToyConfig, ["--config", str(tmp_path / "run" / "config.yaml")])
     assert again == cfg and again.sizes == [64, 128]
+
+
+@pytest.mark.parametrize("name, module, cls", [("descriptor", "pair_vit.descriptor_train", "TrainDescriptorConfig"),
+                                               ("pairs", "pair_vit.pair_train", "TrainPairsConfig")])
+def test_shipped_configs_resolve(name, module, cls):
+    """The documented training configs stay in step with their dataclasses (no unknown or mistyped keys)."""
+    import importlib
+    from pathlib import Path
+
+    from pair_vit.config import load_yaml
+
+    path = Path(__file__).resolve().parents[1] / "pair_vit" / "configs" / f"{name}.yaml"
+    cfg = from_dict(getattr(importlib.import_module(module), cls), load_yaml(path))
+    assert not Path(cfg.train_dir).is_absolute() and cfg.output_dir.startswith("runs/")
