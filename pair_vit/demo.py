@@ -27,7 +27,7 @@ class DemoConfig:
     n_references: int = opt(120, "references in the demo benchmark (the demo has 291 photos)")
     n_queries: int = opt(120, "queries in the demo benchmark (half positives, half distractors)")
     k: int = opt(10, "predictions per query")
-    methods: list = opt(["pdq", "phash", "sift"], "matchers to run")
+    methods: list = opt(["pdq", "phash", "sift", "descriptor"], "matchers to run")
     workers: int = opt(2, "processes used to synthesise queries")
 
 
