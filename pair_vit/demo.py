@@ -4,7 +4,7 @@ Builds a small benchmark from the embedded CC0 / public-domain demo photos (cach
 config changes), runs every available matcher on it, evaluates each with the ISC2021 metric, and writes
 submissions, a PR curve per matcher and a summary table under `out/`.
 
-Matchers today: the peers (PDQ, pHash, SIFT + RANSAC). The descriptor shortlist and the pair-ViT reranker
+Matchers today: the peers (PDQ, pHash, SIFT + RANSAC) and the shipped stage-1 descriptor. The descriptor shortlist and the pair-ViT reranker
 join this table as their stages land.
 """
 from __future__ import annotations
