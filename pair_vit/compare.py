@@ -177,7 +177,7 @@ def _write(table: pd.DataFrame, out: Path, name: str, title: str, command: str) 
 
 def run(cfg: CompareConfig, command: str | None = None) -> pd.DataFrame:
     """Write results.{csv,md} (and search_scaling.{csv,md}) under cfg.out; return the matcher table."""
-    command = command or "python " + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+    command = command or "python " + " ".join(sys.argv)
     if not cfg.benchmark:
         raise ValueError("--benchmark is required (a folder written by scripts/make_benchmark.py)")
     layout = data.DiscLayout.from_root(cfg.benchmark)
