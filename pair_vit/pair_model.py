@@ -35,6 +35,8 @@ KIND = "pair_vit"
 DEFAULT_MEAN = (0.5, 0.5, 0.5)  # timm's augreg ViTs are trained with mean = std = 0.5
 DEFAULT_STD = (0.5, 0.5, 0.5)
 STEMS = ("conv", "patch")
+# The released pair ViT (trained by `scripts/train_pairs.py --config pair_vit/configs/pairs.yaml`).
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "pair_vit.pt"
 
 
 def default_model_args(**overrides: Any) -> dict[str, Any]:
