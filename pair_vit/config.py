@@ -52,7 +52,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     # SUPPRESS keeps unset flags out of the namespace, so a YAML value is not masked by a default.
     kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')} (default: {default})"}
+                              "help": f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")}
     if base is bool:
         # Never `type=bool` (bool("False") is True): --flag / --no-flag instead.
         kwargs["action"] = argparse.BooleanOptionalAction

@@ -18,27 +18,22 @@ of `group_size` photos per step, every ref x query pair inside a group (see `pai
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
 import math
-import os
-import random
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from accelerate.utils import gather_object
 
-from pair_vit import data, demo_dir
+from pair_vit import data, demo_dir, training
 from pair_vit import pair_data as pd_
-from pair_vit.checkpoint import compare_configs, load_checkpoint, save_checkpoint
+from pair_vit.checkpoint import save_checkpoint
 from pair_vit.config import opt, save_config, to_dict
 from pair_vit.pair_model import (KIND, build_pair_model, default_model_args, make_optimizer, pair_metrics,
                                  save_pair_model, score_pairs)
@@ -161,36 +156,24 @@ def prepare_output(cfg: TrainPairsConfig, accelerator) -> tuple[Path, dict[str, 
     """Check output_dir against --resume/--overwrite; return (path of checkpoint.pt, the checkpoint or None)."""
     out = Path(cfg.output_dir)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.is_file() and not cfg.resume:
-        if not cfg.overwrite:
-            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or --overwrite to start over")
+    ckpt = training.checkpoint_to_resume(ckpt_path, cfg.resume, cfg.overwrite, KIND)
+    if ckpt is None and ckpt_path.is_file():  # --overwrite: the old run's outputs go
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             for name in ("checkpoint.pt", "pair_vit.pt", "metrics.csv", "skipped.csv"):
                 (out / name).unlink(missing_ok=True)
-    if cfg.resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"--resume: nothing to resume, {ckpt_path} not found")
-    return ckpt_path, load_checkpoint(ckpt_path, kind=KIND) if cfg.resume else None
+    return ckpt_path, ckpt
 
 
 def check_resumable(ckpt: dict[str, Any], cfg: TrainPairsConfig, args: dict[str, Any], manifest: str, path) -> None:
     """Refuse to resume with another model, input size or data: the message names every difference."""
-    diffs = list(compare_configs(ckpt["config"], to_dict(cfg), RESUME_KEYS))
+    diffs = training.config_diffs(ckpt, cfg, RESUME_KEYS)
     if json.dumps(ckpt["model_args"], sort_keys=True) != json.dumps(args, sort_keys=True) and not diffs:
         diffs.append(f"model_args: {ckpt['model_args']} != {args}")
     saved_manifest = (ckpt.get("extra") or {}).get("manifest")
     if saved_manifest != manifest:
         diffs.append(f"training photos: manifest {saved_manifest} != {manifest} (photos added, removed or changed)")
-    if diffs:
-        raise ValueError(f"cannot resume from {path}: it was made with a different config: " + "; ".join(diffs)
-                         + " (use another --output-dir or --overwrite)")
-
-
-def rng_states() -> dict[str, Any]:
-    """torch, numpy and python RNG states as tensors and plain values (checkpoints load with weights_only)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-            "python": random.getstate()}
+    training.refuse_resume(path, diffs)
 
 
 def restore(ckpt: dict[str, Any], model, optimizer, scheduler, accelerator) -> int:
@@ -201,20 +184,11 @@ def restore(ckpt: dict[str, Any], model, optimizer, scheduler, accelerator) -> i
     scheduler.load_state_dict(extra["scheduler"])
     rngs = extra.get("rng") or []
     if extra.get("world_size") == accelerator.num_processes and accelerator.process_index < len(rngs):
-        state = rngs[accelerator.process_index]
-        torch.set_rng_state(state["torch"])
-        name, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
-        random.setstate(_as_tuples(state["python"]))
+        training.set_rng_states(rngs[accelerator.process_index])
     elif accelerator.is_main_process:
         log.warning("checkpoint made with %s processes, now %d: RNG states not restored",
                     extra.get("world_size"), accelerator.num_processes)
     return int(ckpt["step"])
-
-
-def _as_tuples(value: Any) -> Any:
-    """random.setstate wants the nested tuples random.getstate gave (a checkpoint may hand back lists)."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -270,13 +244,7 @@ class Trainer:
     def log(self, row: dict[str, Any]) -> None:
         """Append a row to metrics.csv (main process; a resumed run appends to the same file)."""
         if self.main:
-            path = Path(self.cfg.output_dir) / "metrics.csv"
-            new = not path.exists()
-            with open(path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, restval="")
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            training.append_metrics(Path(self.cfg.output_dir) / "metrics.csv", row, METRIC_COLUMNS)
 
     def evaluate(self, step: int) -> None:
         """Score this process's held-out pairs, gather all processes' (same metrics everywhere), log them."""
@@ -295,7 +263,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """checkpoint.pt with everything --resume needs (RNG states of every process), by the main process."""
-        rngs = gather_object([rng_states()])
+        rngs = gather_object([training.rng_states()])
         if self.main:
             net = self.accelerator.unwrap_model(self.model)
             extra = {**self.extra, "heldout": self.metrics, "optimizer": self.optimizer.state_dict(),
@@ -345,12 +313,6 @@ class Trainer:
         return step
 
 
-def setup_threads(cfg: TrainPairsConfig, world: int) -> None:
-    # `accelerate launch` sets OMP_NUM_THREADS=1 for a single process: use the cores we were given instead.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(cfg.threads or max(1, cores // world))
-
-
 def load_photos(cfg: TrainPairsConfig, accelerator, report: data.SkipReport):
     """(training photos, held-out photos, data manifest hash) of the configured folder and split."""
     folder = Path(cfg.train_dir) if cfg.train_dir else Path(str(demo_dir()))
@@ -366,16 +328,11 @@ def load_photos(cfg: TrainPairsConfig, accelerator, report: data.SkipReport):
 
 def run(cfg: TrainPairsConfig) -> dict[str, Any]:
     """Train (or resume) as configured; returns the summary (held-out metrics, steps, pairs/s) on every process."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from accelerate.utils import set_seed
 
     resolve(cfg)
-    # A long timeout: processes wait for each other while photos are scanned and held-out groups built.
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.amp else "no",
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))])
-    if not accelerator.is_main_process:
-        logging.getLogger("pair_vit").setLevel(logging.ERROR)
-    setup_threads(cfg, accelerator.num_processes)
+    accelerator = training.start_accelerator("bf16" if cfg.amp else "no")
+    training.set_torch_threads(cfg.threads, accelerator.num_processes)
     if cfg.groups_per_step % accelerator.num_processes:
         raise ValueError(f"--groups-per-step {cfg.groups_per_step} must be a multiple of the "
                          f"{accelerator.num_processes} processes")

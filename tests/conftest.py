@@ -1,5 +1,7 @@
 """Shared test fixtures."""
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,3 +15,15 @@ def fresh_accelerate_state():
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def train_photos(tmp_path_factory) -> Path:
+    """A dozen demo photos (train side of the split) copied into a temporary folder, one folder per test module."""
+    from pair_vit import data, demo_dir
+
+    out = tmp_path_factory.mktemp("photos")
+    images = data.split_images(data.list_images(Path(str(demo_dir()))), "train")
+    for path in list(images.values())[:12]:
+        shutil.copyfile(path, out / path.name)
+    return out

@@ -172,17 +172,11 @@ def test_info_nce():
     assert loss_random > loss
 
 
-def test_pick_photos_and_schedules():
-    cfg = T.TrainDescriptorConfig(batch_size=8, group_size=4, hard_fraction=0.5, max_steps=100, warmup_steps=10)
-    table = np.array([[(i + 1) % 50, (i + 2) % 50, (i + 3) % 50] for i in range(50)])
-    picked = T.pick_photos(np.random.default_rng(0), 50, 8, table, cfg)
-    assert len(picked) == 8 and len(set(picked)) == 8
-    anchor = picked[0]
-    assert set(picked[1:4]) <= set(table[anchor])  # a look-alike group comes first
-    assert sorted(T.pick_photos(np.random.default_rng(0), 5, 8, table[:5] % 5, cfg)) == [0, 1, 2, 3, 4]
+def test_lr_schedule():
+    """Batches, the cache and the curriculum are tested in test_descriptor_data.py."""
+    cfg = T.TrainDescriptorConfig(max_steps=100, warmup_steps=10)
     assert T.lr_factor(cfg, 0) < T.lr_factor(cfg, 9) < 1.0
     assert T.lr_factor(cfg, 10) == pytest.approx(1.0) and T.lr_factor(cfg, 100) == pytest.approx(0.01)
-    assert T.intensity_cap(cfg, 0) == cfg.intensity_start and T.intensity_cap(cfg, 100) == cfg.intensity_end
 
 
 # ----------------------------------------------------------------------------- training runs

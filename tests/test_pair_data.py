@@ -1,13 +1,12 @@
 """Training pairs: groups, labels, one edit chain per group, donors, determinism, bad photos, sharding."""
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import pair_vit.edits as edits
-from pair_vit import data, demo_dir
+from pair_vit import data
 from pair_vit import pair_data as pdata
 from pair_vit.pair_model import pair_metrics
 
@@ -15,18 +14,8 @@ SETTINGS = dict(group_size=3, load_side=96, half_height=32, groups_per_step=2, r
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A dozen demo photos (train side of the split) copied into a temporary folder."""
-    out = tmp_path_factory.mktemp("photos")
-    images = data.split_images(data.list_images(Path(str(demo_dir()))), "train")
-    for path in list(images.values())[:12]:
-        shutil.copyfile(path, out / path.name)
-    return out
-
-
-@pytest.fixture(scope="module")
-def photos(folder):
-    return pdata.scan_photos(data.list_images(folder), data.SkipReport())
+def photos(train_photos):
+    return pdata.scan_photos(data.list_images(train_photos), data.SkipReport())
 
 
 def groups_of(photos, seed=0, **overrides):
@@ -99,9 +88,9 @@ def test_curriculum_and_progressive_resolution():
     assert fixed.intensity_range(0) == (0.3, 0.9) and fixed.half_size(0) == (112, 112)
 
 
-def test_corrupt_images_are_skipped_and_counted(folder, tmp_path):
+def test_corrupt_images_are_skipped_and_counted(train_photos, tmp_path):
     bad = tmp_path / "photos"
-    shutil.copytree(folder, bad)
+    shutil.copytree(train_photos, bad)
     (bad / "not_an_image.jpg").write_text("hello")
     first = sorted(bad.glob("*.jpg"))[0]
     (bad / "truncated.jpg").write_bytes(first.read_bytes()[:300])
@@ -168,20 +157,20 @@ def test_pair_metrics():
     assert flat["auc"] == 0.5 and flat["ap"] < 0.5
 
 
-def test_manifest_hash_changes_with_the_photos(folder, tmp_path):
-    images = data.list_images(folder)
+def test_manifest_hash_changes_with_the_photos(train_photos, tmp_path):
+    images = data.list_images(train_photos)
     h = pdata.manifest_hash(images)
     assert h == pdata.manifest_hash(dict(images)) and h != pdata.manifest_hash(dict(list(images.items())[1:]))
 
 
-def test_descriptor_look_alikes(folder, tmp_path):
+def test_descriptor_look_alikes(train_photos, tmp_path):
     from pair_vit.checkpoint import save_checkpoint
     from pair_vit.descriptor import build_descriptor
 
     args = {"backbone": "resnet10t", "embed_dim": 16, "image_size": 32, "gem_p": 3.0}
     path = save_checkpoint(tmp_path / "desc.pt", kind="descriptor", model_args=args,
                            model_state=build_descriptor(args).state_dict())
-    found = pdata.find_photos(data.list_images(folder), data.SkipReport(), descriptor_checkpoint=str(path))
+    found = pdata.find_photos(data.list_images(train_photos), data.SkipReport(), descriptor_checkpoint=str(path))
     assert len(found.ids) == 12 and found.vectors.shape == (12, 16)
     np.testing.assert_allclose(np.linalg.norm(found.vectors, axis=1), 1.0, atol=1e-3)
     assert pdata.nearest_neighbours(found.vectors, 4).shape == (12, 4)

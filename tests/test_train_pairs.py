@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pair_vit import data, demo_dir, pair_train
+from pair_vit import data, pair_train
 from pair_vit.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,12 +20,9 @@ TINY = ["--backbone-kwargs", "{depth: 2, embed_dim: 64, num_heads: 2}", "--input
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """A dozen demo photos (train side of the split) plus one corrupt file."""
-    out = tmp_path_factory.mktemp("train")
-    images = data.split_images(data.list_images(Path(str(demo_dir()))), "train")
-    for path in list(images.values())[:12]:
-        shutil.copyfile(path, out / path.name)
+def photos(train_photos):
+    """A dozen demo photos (train side of the split, see conftest.py) plus one corrupt file."""
+    out = train_photos
     broken = next(f"broken{i}" for i in range(100) if data.split_of(f"broken{i}") == "train")  # not a dev id
     (out / f"{broken}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     return out

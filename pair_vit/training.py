@@ -1,0 +1,127 @@
+"""What the two trainers (`pair_vit.descriptor_train`, `pair_vit.pair_train`) share.
+
+    set_torch_threads(cfg.threads, processes)          # before or after the Accelerator, as each trainer needs
+    acc = start_accelerator("bf16")                      # 3-hour process-group timeout, quiet non-main processes
+    value = broadcast(acc, value)                        # the main process's value, on every process
+    ckpt = checkpoint_to_resume(out / "checkpoint.pt", cfg.resume, cfg.overwrite, kind)   # None: a fresh run
+    refuse_resume(path, config_diffs(ckpt, cfg, RESUME_KEYS) + other_differences)
+    extra["rng"] = rng_states()     ...     set_rng_states(extra["rng"])
+    append_metrics(out / "metrics.csv", row, columns)
+
+Checkpoints hold RNG states as tensors and plain values only (they load with `weights_only=True`).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from pair_vit.checkpoint import compare_configs, load_checkpoint
+from pair_vit.config import to_dict
+
+RNG_KINDS = ("torch", "numpy", "python")
+
+
+def set_torch_threads(threads: int, processes: int = 0) -> None:
+    """Torch threads: `threads` if set; else, given `processes`, the usable cores split between them; else
+    torch's default is left alone."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif processes:
+        # `accelerate launch` sets OMP_NUM_THREADS=1 for a single process: use the cores we were given instead.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // processes))
+
+
+def start_accelerator(mixed_precision: str | None = None):
+    """An `accelerate.Accelerator` whose processes wait up to 3 hours for each other (while one scans photos or
+    builds a cache); processes other than the main one log errors only."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    acc = Accelerator(mixed_precision=mixed_precision,
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))])
+    if not acc.is_main_process:
+        logging.getLogger("pair_vit").setLevel(logging.ERROR)
+    return acc
+
+
+def broadcast(acc, value: Any) -> Any:
+    """`value` of the main process, on every process of `acc` (an Accelerator)."""
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def checkpoint_to_resume(path: Path, resume: bool, overwrite: bool, kind: str) -> dict[str, Any] | None:
+    """The checkpoint at `path` when resuming (None otherwise); an existing one is never overwritten silently."""
+    if not resume:
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists: pass --resume to continue that run or --overwrite to start afresh")
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: nothing to resume, {path} not found")
+    return load_checkpoint(path, kind=kind)
+
+
+def config_diffs(ckpt: Mapping[str, Any], cfg: Any, keys: Iterable[str]) -> list[str]:
+    """One line per field of `keys` whose value in `cfg` differs from the checkpoint's saved config."""
+    return compare_configs(ckpt["config"], to_dict(cfg), keys)
+
+
+def refuse_resume(path: Path, diffs: Sequence[str]) -> None:
+    """Raise a ValueError naming every difference between the saved run and this one, if there is any."""
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: settings differ from the saved run: {'; '.join(diffs)}. "
+                         f"Use the saved values, another --output-dir, or --overwrite to start afresh")
+
+
+def rng_states(kinds: Sequence[str] = RNG_KINDS) -> dict[str, Any]:
+    """This process's RNG states of `kinds` (torch, numpy, python), as tensors and plain values."""
+    states: dict[str, Any] = {}
+    if "torch" in kinds:
+        states["torch"] = torch.get_rng_state()
+    if "numpy" in kinds:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        states["numpy"] = [name, keys.tolist(), pos, has_gauss, gauss]
+    if "python" in kinds:
+        states["python"] = random.getstate()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore the RNG states `rng_states` captured (only the kinds present in `states`)."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "numpy" in states:
+        name, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
+    if "python" in states:
+        random.setstate(_as_tuples(states["python"]))
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate wants the nested tuples random.getstate gave (a checkpoint may hand back lists)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def append_metrics(path: Path, row: Mapping[str, Any], columns: Sequence[str] | None = None) -> None:
+    """Append `row` to the CSV at `path`, with a header if the file is new (a resumed run appends to it).
+
+    `columns` fixes the header (missing values are left empty); by default it is the first row's keys.
+    """
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns or row), restval="")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
