@@ -1,26 +1,35 @@
-"""Matching: shortlist candidate references for every query with the descriptor, then (later) rerank them
-with the pair ViT, and write a matching-track submission `query_id,reference_id,score`.
+"""Matching: shortlist candidate references for every query with the descriptor, rescore every candidate pair
+with the pair ViT, and write a matching-track submission `query_id,reference_id,score` (higher = more
+likely a copy).
 
-    python scripts/rerank.py --queries Q/ --references R/ --output sub.csv --descriptor-only --k 10
+    python scripts/rerank.py --queries Q/ --references R/ --output sub.csv [--k 20] [--pair-views full center]
+    python scripts/rerank.py ... --descriptor-only            # stage 1 alone: score = descriptor similarity
 
-Only the descriptor stage exists so far: `--descriptor-only` writes its shortlist itself (score = cosine
-similarity, optionally background-normalised). `--index DIR` keeps the reference embeddings in a faiss index
-on disk: a later run embeds only the references that are not in it yet and saves it back; an index built
-with another descriptor (architecture, weights or dimension) is refused.
+Reranked scores are calibrated probabilities, comparable across queries (`pair_vit.calibration`): with the
+shipped weights, the fit stored in the pair-ViT checkpoint (it fuses the pair logit with the descriptor
+similarity); the model card gives the score threshold with precision 90 on the dev benchmark.
 
-Under `accelerate launch` (any number of processes, CPU or GPU) references, background photos and queries are
-split between the processes and their results gathered, so every process builds the same index and the main
-process writes one submission, identical to a single-process run.
+Resuming: intermediate results live in a work folder (default OUTPUT.work/): the reference index (unless
+`--index DIR` names a shared one; an index built with another descriptor is refused), the shortlist, and
+the pair scores in chunks of `--chunk-queries` queries. A killed run restarted with the same arguments
+reuses them; each stage's cache is dropped when its inputs (images, weights, settings) change.
+
+Under `accelerate launch` (any number of processes, CPU or GPU) references, background photos and queries
+are split between the processes for embedding, the pair-scoring chunks are dealt out round-robin, and the
+main process writes one submission, identical to a single-process run.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
-import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -28,13 +37,18 @@ import pandas as pd
 from pair_vit import data
 from pair_vit import eval as evaluation
 from pair_vit import index as ix
+from pair_vit.calibration import Calibration
 from pair_vit.config import opt, save_config
-from pair_vit.io import atomic_path
+from pair_vit.io import atomic_path, write_text_atomic
 from pair_vit.multiview import VIEWS
+from pair_vit.pair_model import SHIPPED_WEIGHTS
+from pair_vit.pair_scoring import PAIR_VIEWS, VIEW_GROUPS, expand_views, score_shortlist
+from pair_vit.processes import Processes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "descriptor.pt"
+CALIBRATIONS = ("checkpoint", "none")
 
 
 @dataclass
@@ -45,19 +59,30 @@ class RerankConfig:
     references: str = opt("", "folder of reference images")
     output: str = opt("", "submission CSV to write")
     descriptor_only: bool = opt(False, "submit the descriptor shortlist itself (stage 1, no pair-ViT reranking)")
-    k: int = opt(50, "shortlist size: candidate references per query")
+    k: int = opt(20, "shortlist size: candidate references per query (each one is pair-scored)")
     max_per_query: int = opt(0, "at most this many rows per query in the submission (0: k)")
+    checkpoint: str = opt("", "pair-ViT checkpoint; empty: the weights shipped in the package "
+                              "(pair_vit/weights/pair_vit.pt)")
     descriptor_checkpoint: str = opt("", "descriptor checkpoint; empty: the weights shipped in the package "
                                          "(pair_vit/weights/descriptor.pt)")
-    index: str = opt("", "folder of a reference index to reuse and extend (created if absent); empty: in memory")
+    pair_views: list = opt(["full"], f"query views scored by the pair ViT, max logit kept: {list(PAIR_VIEWS)} or "
+                                     f"the groups {list(VIEW_GROUPS)}")
+    calibration: str = opt("checkpoint", "score calibration: checkpoint (the fit stored with the pair weights; "
+                                         "plain sigmoid if none), none (sigmoid of the pair logit), or a JSON "
+                                         "file written by scripts/calibrate.py")
+    index: str = opt("", "folder of a reference index to reuse and extend (created if absent); empty: one "
+                         "inside the work folder")
+    work_dir: str = opt("", "folder for resumable intermediate results (default: OUTPUT.work)")
     factory: str = opt("Flat", "faiss index_factory string for a new reference index: Flat (exact), "
                                "IVF{nlist},PQ{m}, HNSW32, ...")
     nprobe: int = opt(16, "IVF lists visited per query (IVF factories only)")
-    views: str = opt("full", "query views: full (1 descriptor per query), halves (5), grid (14); "
+    views: str = opt("full", "descriptor query views: full (1 descriptor per query), halves (5), grid (14); "
                              "merged by max similarity", choices=VIEWS)
-    batch_size: int = opt(64, "descriptors computed per forward pass")
-    amp: bool = opt(True, "bf16 autocast for the descriptor (--no-amp: float32)")
-    num_workers: int = opt(1, "image-decoding worker processes per process (0: decode in the main process)")
+    batch_size: int = opt(128, "images (descriptor) or pairs (pair ViT) per forward pass")
+    chunk_queries: int = opt(32, "queries per pair-scoring chunk (the unit of resuming and of work sharing)")
+    amp: bool = opt(True, "bf16 autocast (--no-amp: float32)")
+    num_workers: int = opt(1, "image-decoding worker processes for the descriptor (0: decode in the main "
+                              "process)")
     background: str = opt("", "folder of background photos (not in the benchmark, e.g. training photos); "
                               "enables score normalisation: similarity - beta * mean similarity of the query "
                               "to its n nearest background photos")
@@ -67,50 +92,67 @@ class RerankConfig:
     progress: bool = opt(True, "progress bars")
 
 
-# ----------------------------------------------------------------------------- processes
+@dataclass
+class Matches:
+    """What `match` found: `rows` holds query_id, reference_id, score (descriptor similarity) and, when
+    reranked, logit_<view> per pair view and logit (their max); `calibration` turns (logit, score) into
+    the submission score."""
+
+    rows: pd.DataFrame
+    report: data.SkipReport
+    calibration: Calibration | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def submission(self) -> pd.DataFrame:
+        """query_id, reference_id, score: calibrated pair score, or the similarity for a shortlist."""
+        sub = self.rows[["query_id", "reference_id", "score"]].copy()
+        if self.calibration is not None and "logit" in self.rows:
+            sub["score"] = self.calibration.apply(self.rows.logit.to_numpy(), self.rows.score.to_numpy())
+        return sub
 
 
-class Processes:
-    """One process, or the processes of an `accelerate launch`: split work, gather results."""
+# ----------------------------------------------------------------------------- caching
 
-    def __init__(self) -> None:
-        self.state = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch
-            from accelerate import PartialState
 
-            # PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it): without cpu=True a
-            # CPU-only launch silently runs every process alone on all the work.
-            cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or \
-                not torch.cuda.is_available()
-            self.state = PartialState(cpu=cpu)
-            if self.state.num_processes != int(os.environ["WORLD_SIZE"]):
-                raise RuntimeError(f"accelerate started {self.state.num_processes} process(es), "
-                                   f"WORLD_SIZE={os.environ['WORLD_SIZE']}")
-        self.rank = self.state.process_index if self.state else 0
-        self.world = self.state.num_processes if self.state else 1
-        self.is_main = self.rank == 0
+def _digest(value: Any) -> str:
+    return hashlib.blake2b(json.dumps(value, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
 
-    @property
-    def device(self):
-        import torch
 
-        return self.state.device if self.state else torch.device("cpu")
+def _listing(images: Mapping[str, Path]) -> str:
+    """Digest of a folder listing: ids, paths, sizes and modification times (a changed file changes it)."""
+    rows = []
+    for image_id, path in sorted(images.items()):
+        st = Path(path).stat()
+        rows.append((image_id, str(path), st.st_size, st.st_mtime_ns))
+    return _digest(rows)
 
-    def share(self, images: dict[str, Path]) -> dict[str, Path]:
-        """This process's contiguous share of `images` (all of them in a single process)."""
-        if self.state is None or not images:
-            return images
-        with self.state.split_between_processes(list(images.items())) as mine:
-            return dict(mine)
 
-    def gather(self, items: list) -> list:
-        """Concatenate every process's list, in process order (the input list in a single process)."""
-        if self.state is None:
-            return items
-        from accelerate.utils import gather_object
+def stage_dir(folder: Path, key: dict[str, Any], procs: Processes) -> Path:
+    """`folder` for a stage's cached results computed under `key`; emptied first when the key changed."""
+    digest = _digest(key)
+    if procs.is_main:
+        stamp = folder / "key.txt"
+        if not stamp.is_file() or stamp.read_text().strip() != digest:
+            if folder.exists():
+                log.info("inputs changed: dropping cached results in %s", folder)
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            write_text_atomic(stamp, digest + "\n")
+    procs.wait()
+    return folder
 
-        return gather_object(items)
+
+def _save_report(path: Path, report: data.SkipReport) -> None:
+    write_text_atomic(path, json.dumps([[str(p), r] for p, r in report.entries]))
+
+
+def _load_report(path: Path, report: data.SkipReport) -> None:
+    if path.is_file():
+        for p, reason in json.loads(path.read_text()):
+            report.add(p, reason)
+
+
+# ----------------------------------------------------------------------------- steps
 
 
 def embed_split(procs: Processes, model, images: dict[str, Path], report: data.SkipReport, views: str,
@@ -128,45 +170,52 @@ def embed_split(procs: Processes, model, images: dict[str, Path], report: data.S
     return all_ids, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
 
 
-# ----------------------------------------------------------------------------- steps
-
-
 def resolve_checkpoint(cfg: RerankConfig) -> Path:
-    path = Path(cfg.descriptor_checkpoint) if cfg.descriptor_checkpoint else DEFAULT_CHECKPOINT
+    """The descriptor checkpoint to use (the shipped one by default)."""
+    return _existing(cfg.descriptor_checkpoint, DEFAULT_CHECKPOINT, "descriptor", "scripts/train_descriptor.py")
+
+
+def _existing(given: str, default: Path, what: str, trainer: str) -> Path:
+    path = Path(given) if given else default
     if not path.is_file():
-        if not cfg.descriptor_checkpoint:
-            raise FileNotFoundError(f"no descriptor weights shipped in the package yet ({path} not found): pass "
-                                    f"--descriptor-checkpoint DESC.pt, or train one with "
-                                    f"scripts/train_descriptor.py")
-        raise FileNotFoundError(f"descriptor checkpoint not found: {path}")
+        if not given:
+            raise FileNotFoundError(f"no {what} weights shipped in the package ({path} not found): pass a "
+                                    f"checkpoint, or train one with {trainer}")
+        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
     return path
 
 
-def check_config(cfg: RerankConfig) -> None:
-    if not cfg.descriptor_only:
-        raise ValueError("the pair-ViT reranker is not available yet: pass --descriptor-only to write the "
-                         "descriptor shortlist as the submission")
-    for name in ("queries", "references", "output"):
+def check_config(cfg: RerankConfig, need_output: bool = True) -> None:
+    for name in ("queries", "references") + (("output",) if need_output else ()):
         if not getattr(cfg, name):
             raise ValueError(f"--{name} is required")
-    if cfg.k < 1 or cfg.max_per_query < 0 or cfg.batch_size < 1 or cfg.num_workers < 0:
-        raise ValueError("--k and --batch-size must be >= 1, --max-per-query and --num-workers >= 0")
-    if Path(cfg.output).exists() and not cfg.overwrite:
+    if cfg.k < 1 or cfg.max_per_query < 0 or cfg.batch_size < 1 or cfg.num_workers < 0 or cfg.chunk_queries < 1:
+        raise ValueError("--k, --batch-size and --chunk-queries must be >= 1, --max-per-query and "
+                         "--num-workers >= 0")
+    expand_views(cfg.pair_views)
+    if cfg.calibration not in CALIBRATIONS and not Path(cfg.calibration).is_file():
+        raise ValueError(f"--calibration must be one of {list(CALIBRATIONS)} or a JSON file; "
+                         f"{cfg.calibration} not found")
+    if need_output and Path(cfg.output).exists() and not cfg.overwrite:
         raise FileExistsError(f"{cfg.output} exists; pass --overwrite to replace it")
 
 
+def work_folder(cfg: RerankConfig) -> Path:
+    return Path(cfg.work_dir) if cfg.work_dir else Path(cfg.output + ".work")
+
+
 def reference_index(procs: Processes, model, references: dict[str, Path], report: data.SkipReport,
-                    cfg: RerankConfig) -> tuple[ix.ReferenceIndex, int]:
-    """Load (and check) or start the reference index, embed the references missing from it, save it back.
-    Returns (index, number of references embedded by this run)."""
+                    cfg: RerankConfig, folder: Path) -> tuple[ix.ReferenceIndex, int]:
+    """Load (and check) or start the reference index in `folder`, embed the references missing from it, save
+    it back. Returns (index, number of references embedded by this run)."""
     index = None
-    if cfg.index and (Path(cfg.index) / ix.META_FILE).is_file():
-        index = ix.ReferenceIndex.load(cfg.index, expected_model_args=ix.model_args_of(model),
+    if (folder / ix.META_FILE).is_file():
+        index = ix.ReferenceIndex.load(folder, expected_model_args=ix.model_args_of(model),
                                        expected_fingerprint=ix.model_fingerprint(model))
         index.nprobe = cfg.nprobe
         stale = len(set(index.ids) - set(references))
         if stale:
-            log.warning("%d references in index %s are not in %s; they can still be matched", stale, cfg.index,
+            log.warning("%d references in index %s are not in %s; they can still be matched", stale, folder,
                         cfg.references)
     todo = {i: p for i, p in references.items() if index is None or i not in index}
     ids, vectors, _ = embed_split(procs, model, todo, report, "full", cfg, "references")
@@ -176,10 +225,114 @@ def reference_index(procs: Processes, model, references: dict[str, Path], report
         index.add(ids, vectors)
     if len(index) == 0:
         raise ValueError(f"no usable reference images in {cfg.references}")
-    if cfg.index and procs.is_main and (ids or not (Path(cfg.index) / ix.META_FILE).is_file()):
-        index.save(cfg.index)
-        log.info("saved reference index %s (%d references, %d new)", cfg.index, len(index), len(ids))
+    if procs.is_main and (ids or not (folder / ix.META_FILE).is_file()):
+        index.save(folder)
+        log.info("saved reference index %s (%d references, %d new)", folder, len(index), len(ids))
     return index, len(ids)
+
+
+def shortlist_stage(procs: Processes, model, queries: dict[str, Path], references: dict[str, Path],
+                    report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
+    """The k best references of every query by descriptor similarity (cached in the work folder)."""
+    key = {"queries": _listing(queries), "references": _listing(references), "model": ix.model_fingerprint(model),
+           **{k: getattr(cfg, k) for k in ("k", "views", "factory", "nprobe", "background", "background_n",
+                                           "background_beta", "amp")}}
+    folder = stage_dir(work_folder(cfg) / "shortlist", key, procs)
+    if (folder / "shortlist.csv").is_file():
+        _load_report(folder / "skipped.json", report)
+        log.info("reusing the shortlist cached in %s", folder)
+        return pd.read_csv(folder / "shortlist.csv", dtype={"query_id": str, "reference_id": str})
+    index, stats["embedded"] = reference_index(procs, model, references, report, cfg,
+                                               Path(cfg.index) if cfg.index else work_folder(cfg) / "ref_index")
+    background = None
+    if cfg.background:
+        b_ids, b_vectors, _ = embed_split(procs, model, data.list_images(cfg.background), report, "full", cfg,
+                                          "background")
+        if not b_ids:
+            raise ValueError(f"no usable background images in {cfg.background}")
+        background = ix.ReferenceIndex.build(b_ids, b_vectors, "Flat")
+        stats["embedded"] += len(b_ids)
+    q_ids, q_vectors, owner = ix.embed_folder(
+        model, procs.share(queries), cfg.batch_size, cfg.amp, cfg.views, report, cfg.num_workers,
+        progress=cfg.progress and procs.is_main and "queries")
+    stats["embedded"] += len(queries)
+    mine = ix.search_views(index, q_ids, q_vectors, owner, cfg.k, background, cfg.background_n,
+                           cfg.background_beta, progress=cfg.progress and procs.is_main and "search")
+    # Every process takes the shortlist as written to the cache, so a fresh and a resumed run continue from
+    # exactly the same values.
+    text = pd.concat(procs.gather([mine]), ignore_index=True).to_csv(index=False, float_format="%.8g")
+    _merge_reports(procs, report)
+    if procs.is_main:
+        _save_report(folder / "skipped.json", report)
+        write_text_atomic(folder / "shortlist.csv", text)
+    return pd.read_csv(io.StringIO(text), dtype={"query_id": str, "reference_id": str})
+
+
+def _merge_reports(procs: Processes, report: data.SkipReport) -> None:
+    entries = [e for part in procs.gather([report.entries]) for e in part]
+    report.entries = list(dict.fromkeys(entries))  # references/background are read by one process each
+
+
+def load_pair(cfg: RerankConfig):
+    """(pair ViT, its checkpoint metadata, the calibration to apply); refuses non-pair checkpoints."""
+    from pair_vit.pair_model import load_pair_model
+
+    path = _existing(cfg.checkpoint, SHIPPED_WEIGHTS, "pair-ViT", "scripts/train_pairs.py")
+    model, meta = load_pair_model(path)
+    if cfg.calibration == "none":
+        calibration = Calibration()
+    elif cfg.calibration == "checkpoint":
+        stored = (meta.get("extra") or {}).get("calibration")
+        calibration = Calibration.from_dict(stored) if stored else Calibration()
+    else:
+        calibration = Calibration.read(cfg.calibration)
+    return model, meta, calibration
+
+
+def pair_stage(procs: Processes, model, shortlist: pd.DataFrame, queries: dict[str, Path],
+               references: dict[str, Path], report: data.SkipReport, cfg: RerankConfig,
+               stats: dict[str, float]) -> pd.DataFrame:
+    """Pair-ViT logits for every shortlisted pair (cached chunk by chunk in the work folder)."""
+    key = {"shortlist": hashlib.blake2b(shortlist.to_csv(index=False).encode(), digest_size=12).hexdigest(),
+           "model": ix.model_fingerprint(model), "views": expand_views(cfg.pair_views),
+           "chunk_queries": cfg.chunk_queries, "amp": cfg.amp}
+    folder = stage_dir(work_folder(cfg) / "pairs", key, procs)
+    start = time.perf_counter()
+    rows, n_scored = score_shortlist(model, shortlist, queries, references, cfg.pair_views, report, folder,
+                                     cfg.chunk_queries, cfg.batch_size, cfg.amp, procs.rank, procs.world,
+                                     progress=cfg.progress and procs.is_main)
+    rows = pd.concat(procs.gather([rows]), ignore_index=True)
+    stats["pairs_scored"] = float(sum(procs.gather([n_scored])))
+    stats["pair_seconds"] = time.perf_counter() - start
+    _merge_reports(procs, report)
+    return rows
+
+
+def match(cfg: RerankConfig, load_model: Callable[[Path], Any] | None = None,
+          procs: Processes | None = None) -> Matches:
+    """Shortlist (and unless `descriptor_only`, pair-score) every query; every process returns the result."""
+    check_config(cfg, need_output=False)
+    procs = procs or Processes()
+    references = data.list_images(cfg.references)
+    if not references:
+        raise ValueError(f"no reference images in {cfg.references}")
+    queries = data.list_images(cfg.queries)
+    checkpoint = resolve_checkpoint(cfg)
+    report, stats = data.SkipReport(), {"queries": len(queries), "references": len(references)}
+    pair = None if cfg.descriptor_only else load_pair(cfg)  # refuse a wrong checkpoint before any long work
+    if not queries:
+        log.warning("no query images in %s: writing a header-only submission", cfg.queries)
+        return Matches(ix.empty_submission(), report, pair[2] if pair else None, stats)
+    if load_model is None:
+        from pair_vit.descriptor import load_descriptor
+
+        load_model = lambda path: load_descriptor(path)[0]  # noqa: E731
+    model = load_model(checkpoint).to(procs.device).eval()
+    rows = shortlist_stage(procs, model, queries, references, report, cfg, stats)
+    if pair is None:
+        return Matches(rows, report, None, stats)
+    rows = pair_stage(procs, pair[0].to(procs.device), rows, queries, references, report, cfg, stats)
+    return Matches(rows, report, pair[2], stats)
 
 
 def finalise(submission: pd.DataFrame, max_per_query: int) -> pd.DataFrame:
@@ -207,6 +360,19 @@ def write_outputs(submission: pd.DataFrame, report: data.SkipReport, cfg: Rerank
     save_config(cfg, out.with_name(out.name + ".config.yaml"))
 
 
+def summary_line(cfg: RerankConfig, found: Matches, n_rows: int, wall: float, world: int) -> str:
+    s = found.stats
+    line = (f"rerank ({'descriptor only' if cfg.descriptor_only else 'pair ViT'}): {s['queries']} queries, "
+            f"{s['references']} references, {len(found.report)} unreadable skipped")
+    if "pairs_scored" in s:
+        rate = s["pairs_scored"] / max(s["pair_seconds"], 1e-9)
+        line += f", {int(s['pairs_scored'])} pairs scored ({rate:.0f} pairs/s)"
+    line += f", {n_rows} rows -> {cfg.output}; {wall:.1f} s wall"
+    if s["queries"]:
+        line += f", {wall / s['queries']:.3f} s/query"
+    return line + (f" ({world} processes)" if world > 1 else "")
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -215,46 +381,10 @@ def run(cfg: RerankConfig, load_model: Callable[[Path], Any] | None = None) -> p
     start = time.perf_counter()
     check_config(cfg)
     procs = Processes()
-    references = data.list_images(cfg.references)
-    if not references:
-        raise ValueError(f"no reference images in {cfg.references}")
-    queries = data.list_images(cfg.queries)
-    checkpoint = resolve_checkpoint(cfg)
-    report = data.SkipReport()
-    max_per_query = min(cfg.k, cfg.max_per_query or cfg.k)
-    if not queries:
-        log.warning("no query images in %s: writing a header-only submission", cfg.queries)
-        submission, n_embedded = finalise(ix.empty_submission(), max_per_query), 0
-    else:
-        if load_model is None:
-            from pair_vit.descriptor import load_descriptor
-
-            load_model = lambda path: load_descriptor(path)[0]  # noqa: E731
-        model = load_model(checkpoint).to(procs.device).eval()
-        index, n_embedded = reference_index(procs, model, references, report, cfg)
-        background = None
-        if cfg.background:
-            b_ids, b_vectors, _ = embed_split(procs, model, data.list_images(cfg.background), report, "full", cfg,
-                                              "background")
-            if not b_ids:
-                raise ValueError(f"no usable background images in {cfg.background}")
-            background = ix.ReferenceIndex.build(b_ids, b_vectors, "Flat")
-            n_embedded += len(b_ids)
-        q_ids, q_vectors, owner = ix.embed_folder(
-            model, procs.share(queries), cfg.batch_size, cfg.amp, cfg.views, report, cfg.num_workers,
-            progress=cfg.progress and procs.is_main and "queries")
-        n_embedded += len(queries)
-        mine = ix.search_views(index, q_ids, q_vectors, owner, cfg.k, background, cfg.background_n,
-                               cfg.background_beta, progress=cfg.progress and procs.is_main and "search")
-        parts = procs.gather([mine])
-        submission = finalise(pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0], max_per_query)
-        report.entries = [e for part in procs.gather([report.entries]) for e in part]
-        report.entries = list(dict.fromkeys(report.entries))  # references/background are skipped by one process
+    found = match(cfg, load_model, procs)
+    submission = finalise(found.submission(), min(cfg.k, cfg.max_per_query or cfg.k))
     if procs.is_main:
-        write_outputs(submission, report, cfg)
-        wall = time.perf_counter() - start
-        print(f"rerank (descriptor only): {len(queries)} queries, {len(references)} references, "
-              f"{len(report)} unreadable skipped, {len(submission)} rows -> {cfg.output}; {wall:.1f} s wall, "
-              f"{n_embedded / max(wall, 1e-9):.1f} images/s"
-              + (f" ({procs.world} processes)" if procs.world > 1 else ""), file=sys.stdout, flush=True)
+        write_outputs(submission, found.report, cfg)
+        print(summary_line(cfg, found, len(submission), time.perf_counter() - start, procs.world),
+              file=sys.stdout, flush=True)
     return submission

@@ -1,9 +1,12 @@
 """Match queries against references and write a submission CSV `query_id,reference_id,score`.
 
-    python scripts/rerank.py --queries Q/ --references R/ --output sub.csv --descriptor-only --k 10 \
-        [--descriptor-checkpoint desc.pt] [--index runs/ref_index] [--views full|halves|grid] [--overwrite]
+    python scripts/rerank.py --queries Q/ --references R/ --output sub.csv [--k 20] [--pair-views full center] \
+        [--checkpoint PAIR.pt] [--descriptor-checkpoint DESC.pt] [--index runs/ref_index] [--overwrite]
+    python scripts/rerank.py ... --descriptor-only         # the stage-1 shortlist alone
 
 Multi-process (CPU or GPU): `accelerate launch scripts/rerank.py ...` splits the work and writes one submission.
+A killed run resumes from OUTPUT.work/ when restarted with the same arguments (plus --overwrite if the output
+was already written).
 """
 from pair_vit import cli, rerank
 

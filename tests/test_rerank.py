@@ -1,4 +1,4 @@
-"""scripts/rerank.py --descriptor-only: the stage-1 shortlist written as a submission."""
+"""scripts/rerank.py: the stage-1 shortlist (--descriptor-only) and the pair-ViT reranking, written as a submission."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -54,9 +55,9 @@ def folders(tmp_path) -> tuple[Path, Path, list[str]]:
     return queries, refs, [photos[1].stem, photos[4].stem]
 
 
-def config(queries, refs, out, checkpoint, **kw) -> rerank.RerankConfig:
+def config(queries, refs, out, descriptor, **kw) -> rerank.RerankConfig:
     base = dict(queries=str(queries), references=str(refs), output=str(out), descriptor_only=True, k=3,
-                descriptor_checkpoint=str(checkpoint), num_workers=0, progress=False)
+                descriptor_checkpoint=str(descriptor), num_workers=0, progress=False)
     return rerank.RerankConfig(**{**base, **kw})
 
 
@@ -79,7 +80,7 @@ def test_descriptor_only_end_to_end_script(folders, checkpoint, tmp_path):
     assert list(top.reference_id) == originals and (top.score > 0.995).all()
     skipped = pd.read_csv(f"{out}.skipped.csv")
     assert [Path(p).name for p in skipped.path] == ["Qbad.jpg"]
-    assert "3 queries, 6 references, 1 unreadable skipped, 6 rows" in proc.stdout and "images/s" in proc.stdout
+    assert "3 queries, 6 references, 1 unreadable skipped, 6 rows" in proc.stdout and "s wall" in proc.stdout
     assert (tmp_path / "sub.csv.config.yaml").is_file()
     # an existing output is kept unless --overwrite
     again = run_script("--queries", str(queries), "--references", str(refs), "--output", str(out),
@@ -115,12 +116,13 @@ def test_empty_reference_folder_is_an_error(folders, checkpoint, tmp_path):
         rerank.run(config(queries, tmp_path / "no_refs", tmp_path / "sub.csv", checkpoint))
 
 
-def test_pair_reranker_not_available_and_missing_weights(folders, checkpoint, tmp_path, monkeypatch):
+def test_missing_shipped_weights_are_named(folders, checkpoint, tmp_path, monkeypatch):
     queries, refs, _ = folders
-    with pytest.raises(ValueError, match="reranker is not available yet.*--descriptor-only"):
+    monkeypatch.setattr(rerank, "SHIPPED_WEIGHTS", tmp_path / "weights" / "pair_vit.pt")
+    with pytest.raises(FileNotFoundError, match="pair-ViT.*train_pairs.py"):
         rerank.run(config(queries, refs, tmp_path / "s.csv", checkpoint, descriptor_only=False))
     monkeypatch.setattr(rerank, "DEFAULT_CHECKPOINT", tmp_path / "weights" / "descriptor.pt")
-    with pytest.raises(FileNotFoundError, match="--descriptor-checkpoint.*train_descriptor.py"):
+    with pytest.raises(FileNotFoundError, match="descriptor.*train_descriptor.py"):
         rerank.run(config(queries, refs, tmp_path / "s.csv", ""))
 
 
@@ -162,6 +164,88 @@ def test_background_normalisation_and_max_per_query(folders, checkpoint, tmp_pat
     assert list(normed.groupby("query_id").head(1).reference_id) == originals
 
 
+
+# ----------------------------------------------------------------------------- pair-ViT reranking
+
+PAIR_ARGS = dict(input_size=[32, 64], backbone_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
+CALIBRATION = {"w_logit": 2.0, "w_desc": 1.0, "bias": -1.0}
+
+
+@pytest.fixture(scope="module")
+def pair_checkpoint(tmp_path_factory) -> Path:
+    from pair_vit.pair_model import build_pair_model, default_model_args, save_pair_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pair") / "pair.pt"
+    save_pair_model(path, build_pair_model(default_model_args(**PAIR_ARGS)), config={}, step=0,
+                    extra={"calibration": CALIBRATION})
+    return path
+
+
+def pair_config(queries, refs, out, checkpoint, pair_checkpoint, **kw) -> rerank.RerankConfig:
+    return config(queries, refs, out, checkpoint, descriptor_only=False, checkpoint=str(pair_checkpoint), **kw)
+
+
+def read_chunks(work: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_csv(p, dtype={"query_id": str, "reference_id": str})
+                      for p in sorted((work / "pairs").glob("chunk_*.csv"))], ignore_index=True)
+
+
+def test_rerank_scores_every_candidate_with_the_stored_calibration(folders, checkpoint, pair_checkpoint, tmp_path,
+                                                                   capsys):
+    from pair_vit.calibration import Calibration
+
+    queries, refs, _ = folders
+    out = tmp_path / "sub.csv"
+    sub = rerank.run(pair_config(queries, refs, out, checkpoint, pair_checkpoint, pair_views=["full", "rot180"]))
+    assert sub.groupby("query_id").size().to_dict() == {"Q1": 3, "Q4": 3}
+    raw = read_chunks(tmp_path / "sub.csv.work")
+    assert {"logit_full", "logit_rot180", "logit"} <= set(raw.columns) and len(raw) == 6
+    np.testing.assert_allclose(raw.logit, raw[["logit_full", "logit_rot180"]].max(axis=1))
+    expected = raw.assign(score=Calibration(**CALIBRATION).apply(raw.logit, raw.score))
+    merged = sub.merge(expected, on=["query_id", "reference_id"], suffixes=("", "_expected"))
+    np.testing.assert_allclose(merged.score, merged.score_expected, rtol=1e-5)
+    assert "12 pairs scored" in capsys.readouterr().out
+    plain = rerank.run(pair_config(queries, refs, tmp_path / "plain.csv", checkpoint, pair_checkpoint,
+                                   pair_views=["full", "rot180"], calibration="none"))
+    merged = plain.merge(raw, on=["query_id", "reference_id"], suffixes=("", "_raw"))
+    np.testing.assert_allclose(merged.score, 1 / (1 + np.exp(-merged.logit)), rtol=1e-5)
+
+
+def test_killed_rerank_resumes_without_redoing_work(folders, checkpoint, pair_checkpoint, tmp_path, monkeypatch):
+    from pair_vit import pair_scoring
+
+    queries, refs, _ = folders
+    cfg = pair_config(queries, refs, tmp_path / "sub.csv", checkpoint, pair_checkpoint, chunk_queries=1)
+    first = rerank.run(cfg)
+    work = tmp_path / "sub.csv.work"
+    (work / "pairs" / "chunk_000001.csv").unlink()  # as if killed while scoring the second query
+    monkeypatch.setattr(ix, "embed_folder", lambda *a, **k: pytest.fail("embedded again"))
+    calls = []
+    real = pair_scoring.score_chunk
+    monkeypatch.setattr(pair_scoring, "score_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg.overwrite = True
+    again = rerank.run(cfg)
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(first, again)
+    assert "Qbad.jpg" in (tmp_path / "sub.csv.skipped.csv").read_text()  # remembered from the cached stage
+    # changed inputs drop the cache: another pair view set is scored afresh
+    cfg.pair_views = ["full", "hflip"]
+    rerank.run(cfg)
+    assert len(calls) == 3 and "logit_hflip" in read_chunks(work).columns
+
+
+def test_wrong_checkpoints_are_refused(folders, checkpoint, pair_checkpoint, tmp_path):
+    queries, refs, _ = folders
+    with pytest.raises(ValueError, match="pair_vit"):  # a descriptor given as the pair model
+        rerank.run(pair_config(queries, refs, tmp_path / "a.csv", checkpoint, checkpoint))
+    with pytest.raises(ValueError, match="descriptor"):  # and the other way round
+        rerank.run(pair_config(queries, refs, tmp_path / "a.csv", pair_checkpoint, pair_checkpoint))
+    with pytest.raises(ValueError, match="unknown pair view"):
+        rerank.run(pair_config(queries, refs, tmp_path / "a.csv", checkpoint, pair_checkpoint, pair_views=["x"]))
+    assert not (tmp_path / "a.csv").exists()
+
+
 def free_port() -> int:
     import socket
 
@@ -170,12 +254,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_accelerate_two_processes_write_the_single_process_submission(folders, checkpoint, tmp_path):
+def test_accelerate_two_processes_write_the_single_process_submission(folders, checkpoint, pair_checkpoint,
+                                                                     tmp_path):
     pytest.importorskip("accelerate")
     queries, refs, _ = folders
-    args = ["--queries", str(queries), "--references", str(refs), "--descriptor-only", "--k", "3",
-            "--descriptor-checkpoint", str(checkpoint), "--views", "halves", "--num-workers", "0", "--no-progress"]
-    single = rerank.run(config(queries, refs, tmp_path / "single.csv", checkpoint, views="halves"))
+    args = ["--queries", str(queries), "--references", str(refs), "--k", "3", "--descriptor-checkpoint",
+            str(checkpoint), "--checkpoint", str(pair_checkpoint), "--views", "halves", "--pair-views", "full",
+            "center", "--chunk-queries", "1", "--num-workers", "0", "--no-progress"]
+    single = rerank.run(config(queries, refs, tmp_path / "single.csv", checkpoint, views="halves",
+                               descriptor_only=False, checkpoint=str(pair_checkpoint),
+                               pair_views=["full", "center"], chunk_queries=1))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -183,7 +271,8 @@ def test_accelerate_two_processes_write_the_single_process_submission(folders, c
                            "--output", str(tmp_path / "multi.csv")],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("rerank (descriptor only)") == 1 and "(2 processes)" in proc.stdout
+    assert proc.stdout.count("rerank (pair ViT)") == 1 and "(2 processes)" in proc.stdout
+    assert "12 pairs scored" in proc.stdout  # 2 readable queries x 3 candidates x 2 views, each once
     assert (tmp_path / "multi.csv").read_text() == (tmp_path / "single.csv").read_text()
     assert len(single) == 6
     skipped = pd.read_csv(tmp_path / "multi.csv.skipped.csv")

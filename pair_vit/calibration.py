@@ -1,0 +1,162 @@
+"""Turning pair-ViT logits (and descriptor similarities) into scores comparable across queries.
+
+uAP ranks the predictions of ALL queries together, and a user acts on a score through a threshold, so the
+submission score must mean the same thing for every query:
+
+    score = sigmoid(w_logit * logit + w_desc * similarity + bias)        (higher = more likely a copy)
+
+With the identity calibration (w_logit=1, w_desc=0, bias=0) this is the model's own probability. `fit` learns
+the three numbers by logistic regression on the shortlisted pairs of a labelled benchmark (the descriptor
+similarity then acts as a second opinion: fusion); `cross_fit` scores each query with a fit made on the
+OTHER queries, so the uAP and the precision-90 threshold it yields are honest. The fit travels with the
+pair-ViT weights (checkpoint `extra["calibration"]`) and `scripts/calibrate.py` writes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pair_vit.config import opt
+
+
+@dataclass
+class Calibration:
+    """score = sigmoid(w_logit * logit + w_desc * similarity + bias)."""
+
+    w_logit: float = 1.0
+    w_desc: float = 0.0
+    bias: float = 0.0
+    threshold_p90: float | None = None  # calibrated score with precision 0.90 on the benchmark it was fitted on
+    fitted_on: str = ""  # what it was fitted on (benchmark, pairs, positives)
+
+    def apply(self, logit: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+        """(N,) logits and (N,) descriptor similarities -> (N,) float32 scores in (0, 1)."""
+        z = self.w_logit * np.asarray(logit, np.float64) + self.w_desc * np.asarray(similarity, np.float64) \
+            + self.bias
+        return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
+
+    @property
+    def fuses(self) -> bool:
+        return self.w_desc != 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Calibration:
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown calibration field(s) {sorted(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Calibration:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ValueError(f"calibration file {path}: {err}") from None
+
+
+def fit(logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray, fuse: bool = True) -> Calibration:
+    """Logistic regression of labels (1 = true copy) on the logit (and, with `fuse`, the similarity)."""
+    from sklearn.linear_model import LogisticRegression
+
+    labels = np.asarray(labels).astype(int)
+    if labels.min(initial=1) == labels.max(initial=0):
+        raise ValueError("calibration needs both true copies and non-copies among the scored pairs")
+    x = np.stack([logit, similarity], axis=1) if fuse else np.asarray(logit)[:, None]
+    lr = LogisticRegression(C=100.0, max_iter=1000).fit(x, labels)
+    w = lr.coef_[0]
+    return Calibration(w_logit=float(w[0]), w_desc=float(w[1]) if fuse else 0.0, bias=float(lr.intercept_[0]),
+                       fitted_on=f"{len(labels)} pairs, {int(labels.sum())} copies")
+
+
+def _fold(query_id: str, folds: int) -> int:
+    return int(hashlib.blake2b(str(query_id).encode(), digest_size=4).hexdigest(), 16) % folds
+
+
+def cross_fit(query_ids: np.ndarray, logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray,
+              fuse: bool = True, folds: int = 2) -> np.ndarray:
+    """Scores for every pair from a calibration fitted on the other folds of queries (by a hash of the id).
+
+    All arrays (N,); returns float32 (N,). A fold without both labels among the others falls back to the
+    identity calibration for its queries."""
+    fold = np.array([_fold(q, folds) for q in query_ids])
+    out = np.empty(len(fold), np.float32)
+    for f in range(folds):
+        test, train = fold == f, fold != f
+        try:
+            cal = fit(logit[train], similarity[train], labels[train], fuse)
+        except ValueError:
+            cal = Calibration()
+        out[test] = cal.apply(logit[test], similarity[test])
+    return out
+
+
+# ----------------------------------------------------------------------------- the calibrate stage
+
+
+@dataclass
+class CalibrateConfig:
+    """Fit the score calibration of a pair ViT on a labelled benchmark (and report its precision-90 threshold)."""
+
+    benchmark: str = opt("", "benchmark folder written by scripts/make_benchmark.py (photos NOT trained on)")
+    checkpoint: str = opt("", "pair-ViT checkpoint (default: the shipped weights)")
+    descriptor_checkpoint: str = opt("", "descriptor checkpoint (default: the shipped weights)")
+    k: int = opt(20, "shortlist size, as scripts/rerank.py --k")
+    pair_views: list = opt(["full"], "pair-ViT query views, as scripts/rerank.py --pair-views")
+    views: str = opt("full", "descriptor query views of the shortlist", choices=("full", "halves", "grid"))
+    fuse: bool = opt(True, "fuse the descriptor similarity into the score (--no-fuse: logit only)")
+    out: str = opt("", "calibration JSON to write (default: BENCHMARK/calibration.json)")
+    write_checkpoint: bool = opt(False, "also store the fit in the pair-ViT checkpoint (extra['calibration']), "
+                                        "where scripts/rerank.py picks it up by default")
+
+
+def run(cfg: CalibrateConfig) -> Calibration:
+    """Score the benchmark's shortlist, cross-fit for honest figures, fit on everything, write the JSON."""
+    from pair_vit import data, rerank
+    from pair_vit import eval as evaluation
+    from pair_vit.io import write_text_atomic
+
+    if not cfg.benchmark:
+        raise ValueError("--benchmark is required")
+    layout = data.DiscLayout.from_root(cfg.benchmark)
+    out = Path(cfg.out) if cfg.out else Path(cfg.benchmark) / "calibration.json"
+    rcfg = rerank.RerankConfig(queries=str(layout.queries), references=str(layout.references),
+                               output=str(out.with_suffix(".csv")), k=cfg.k, checkpoint=cfg.checkpoint,
+                               descriptor_checkpoint=cfg.descriptor_checkpoint, pair_views=list(cfg.pair_views),
+                               views=cfg.views, calibration="none")
+    rows, gt = rerank.match(rcfg).rows, layout.load_ground_truth()
+    labels = evaluation.label_predictions(rows, gt)
+    logit, sim, queries = rows.logit.to_numpy(), rows.score.to_numpy(), rows.query_id.to_numpy()
+    honest = evaluation.evaluate(rows[["query_id", "reference_id"]].assign(
+        score=cross_fit(queries, logit, sim, labels, cfg.fuse)), gt)
+    plain = evaluation.evaluate(rows[["query_id", "reference_id"]].assign(score=Calibration().apply(logit, sim)), gt)
+    cal = fit(logit, sim, labels, cfg.fuse)
+    cal.threshold_p90 = honest.threshold_at_p90
+    cal.fitted_on = f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, pair views {list(cfg.pair_views)}"
+    write_text_atomic(out, json.dumps(cal.to_dict(), indent=2) + "\n")
+    print(f"sigmoid(logit): uAP {plain.uap:.4f}, recall@P90 {plain.recall_at_p90:.4f}\n"
+          f"calibrated{' + fused' if cfg.fuse else ''} (2-fold cross-fit): uAP {honest.uap:.4f}, recall@P90 "
+          f"{honest.recall_at_p90:.4f}, threshold@P90 {honest.threshold_at_p90}\n"
+          f"fit on all: {cal}\nwritten {out}")
+    if cfg.write_checkpoint:
+        store_in_checkpoint(cfg.checkpoint or str(rerank.SHIPPED_WEIGHTS), cal)
+    return cal
+
+
+def store_in_checkpoint(path: str | Path, cal: Calibration) -> None:
+    """Rewrite a pair-ViT checkpoint (atomically) with `cal` as its extra["calibration"]."""
+    from pair_vit.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(path, kind="pair_vit")
+    extra = {**ckpt.get("extra", {}), "calibration": cal.to_dict()}
+    save_checkpoint(path, kind=ckpt["kind"], model_args=ckpt["model_args"], model_state=ckpt["model_state"],
+                    config=ckpt["config"], step=ckpt["step"], extra=extra)
+    print(f"stored the calibration in {path}")

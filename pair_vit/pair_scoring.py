@@ -1,0 +1,221 @@
+"""Stage 2 at inference: score every shortlisted (query, reference) pair with the pair ViT, resumably.
+
+    views = ["full", "center"]                                   # query views, see PAIR_VIEWS
+    scored = score_shortlist(model, shortlist, queries, references, views, cache_dir="sub.csv.work/pairs")
+    # scored: query_id, reference_id, score (descriptor similarity), logit_full, logit_center, logit
+
+Local verification as the ISC2021 winners did it: the reference is always shown whole, the query as one or
+more views (the whole image, halves, the centre, rotations, a mirror image); each view is scored against the
+reference and the pair keeps its highest logit (`logit`, higher = more likely a copy). A crop of the query
+that lines up with the pasted or cropped reference content can score high where the whole query does not.
+
+Images are decoded once (longest side `load_side`, as in training) into uint8 tensors at the model's half
+size; reference tensors are kept in a bounded cache across chunks. Work is cut into chunks of
+`chunk_queries` queries (by sorted query id, so the layout does not depend on the number of processes);
+each finished chunk is written atomically to `cache_dir`, and a rerun skips the chunks already there.
+Under `accelerate launch` process r scores the chunks c with c % world == r.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from pair_vit import data
+from pair_vit.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+# Query views: name -> function of a PIL image. Boxes are fractions (left, top, right, bottom).
+_BOXES = {"left": (0, 0, .5, 1), "right": (.5, 0, 1, 1), "top": (0, 0, 1, .5), "bottom": (0, .5, 1, 1),
+          "center": (.2, .2, .8, .8)}
+_TRANSPOSES = {"rot90": Image.Transpose.ROTATE_90, "rot180": Image.Transpose.ROTATE_180,
+               "rot270": Image.Transpose.ROTATE_270, "hflip": Image.Transpose.FLIP_LEFT_RIGHT}
+PAIR_VIEWS = ("full", *_BOXES, *_TRANSPOSES)
+VIEW_GROUPS = {"halves": ("left", "right", "top", "bottom"), "rotations": ("rot90", "rot180", "rot270")}
+LOAD_SIDE = 256  # pair_data.PairDataConfig.load_side: photos are decoded at this size for training too
+
+
+def expand_views(names: Sequence[str]) -> list[str]:
+    """Check view names; "halves" and "rotations" stand for their groups. Order kept, duplicates dropped."""
+    out: list[str] = []
+    for name in names:
+        for view in VIEW_GROUPS.get(name, (name,)):
+            if view not in PAIR_VIEWS:
+                raise ValueError(f"unknown pair view {view!r}; choose from {list(PAIR_VIEWS)} or "
+                                 f"{list(VIEW_GROUPS)}")
+            if view not in out:
+                out.append(view)
+    if not out:
+        raise ValueError("at least one pair view is needed (e.g. full)")
+    return out
+
+
+def view_image(image: Image.Image, view: str) -> Image.Image:
+    """The `view` of a query image (a crop, rotation or mirror image; "full" is the image itself)."""
+    if view in _BOXES:
+        left, top, right, bottom = _BOXES[view]
+        w, h = image.size
+        box = (int(left * w), int(top * h), max(int(left * w) + 1, int(right * w)),
+               max(int(top * h) + 1, int(bottom * h)))
+        return image.crop(box)
+    if view in _TRANSPOSES:
+        return image.transpose(_TRANSPOSES[view])
+    if view == "full":
+        return image
+    raise ValueError(f"unknown pair view {view!r}")
+
+
+def to_uint8(image: Image.Image, half_size: Sequence[int]) -> torch.Tensor:
+    """A PIL image resized to the model's half size (h, w) -> (3, h, w) uint8 tensor (normalised later)."""
+    h, w = int(half_size[0]), int(half_size[1])
+    image = image.convert("RGB")
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, np.uint8).transpose(2, 0, 1)))
+
+
+def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, h, w) uint8 -> float32 normalised as `pair_model.preprocess` does."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x.float() / 255 - m) / s
+
+
+class TensorCache:
+    """Decoded images as uint8 tensors at the model's half size, least recently used dropped past `capacity`.
+
+    `get(id)` returns None for an image that cannot be read (recorded once in `report`)."""
+
+    def __init__(self, paths: Mapping[str, Path], half_size: Sequence[int], report: data.SkipReport,
+                 capacity: int = 20000, load_side: int = LOAD_SIDE):
+        self.paths, self.half_size, self.report = paths, tuple(half_size), report
+        self.capacity, self.load_side = capacity, load_side
+        self._cache: OrderedDict[str, torch.Tensor | None] = OrderedDict()
+
+    def load(self, image_id: str) -> Image.Image | None:
+        try:
+            return data.load_image(self.paths[image_id], max_side=self.load_side)
+        except data.ImageLoadError as err:
+            self.report.add(err.path, err.reason)
+            log.warning("skipping image %s: %s", err.path, err.reason)
+            return None
+
+    def get(self, image_id: str) -> torch.Tensor | None:
+        if image_id in self._cache:
+            self._cache.move_to_end(image_id)
+            return self._cache[image_id]
+        image = self.load(image_id)
+        tensor = None if image is None else to_uint8(image, self.half_size)
+        self._cache[image_id] = tensor
+        if len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return tensor
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _query_views(cache: TensorCache, query_id: str, views: list[str]) -> torch.Tensor | None:
+    """(V, 3, h, w) uint8 views of one query, or None if it cannot be read."""
+    image = cache.load(query_id)
+    if image is None:
+        return None
+    return torch.stack([to_uint8(view_image(image, v), cache.half_size) for v in views])
+
+
+def _logits(model, refs: torch.Tensor, queries: torch.Tensor, batch_size: int, amp: bool) -> np.ndarray:
+    """Pair logits of refs[i] vs queries[i] (uint8 (N, 3, h, w) each) -> float32 (N,)."""
+    args = model.model_args
+    out = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        for start in range(0, len(refs), batch_size):
+            r = normalise(refs[start:start + batch_size], args["mean"], args["std"])
+            q = normalise(queries[start:start + batch_size], args["mean"], args["std"])
+            out.append(model(r, q).float())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: TensorCache, ref_cache: TensorCache,
+                batch_size: int = 128, amp: bool = True) -> pd.DataFrame:
+    """Score the shortlist rows (query_id, reference_id, score) of a few queries against every view.
+
+    Returns the rows whose query and reference could be read, with logit_<view> per view and `logit` (their
+    max). Pairs are batched across queries, so small shortlists still fill large batches."""
+    q_tensors = {q: _query_views(query_cache, q, views) for q in rows.query_id.unique()}
+    r_tensors = {r: ref_cache.get(r) for r in rows.reference_id.unique()}
+    keep = rows[[q_tensors[q] is not None and r_tensors[r] is not None
+                 for q, r in zip(rows.query_id, rows.reference_id)]].reset_index(drop=True)
+    columns = [f"logit_{v}" for v in views]
+    if keep.empty:
+        return keep.assign(**{c: np.zeros(0, np.float32) for c in columns + ["logit"]})
+    refs = torch.stack([r_tensors[r] for r in keep.reference_id])
+    logits = np.stack([_logits(model, refs, torch.stack([q_tensors[q][v] for q in keep.query_id]), batch_size, amp)
+                       for v in range(len(views))], axis=1)  # (pairs, views)
+    keep[columns] = logits
+    keep["logit"] = logits.max(axis=1)
+    return keep
+
+
+def chunk_plan(query_ids: Sequence[str], chunk_queries: int) -> list[list[str]]:
+    """Sorted unique query ids cut into chunks of `chunk_queries` (the same for any number of processes)."""
+    ids = sorted(set(query_ids))
+    return [ids[i:i + chunk_queries] for i in range(0, len(ids), chunk_queries)]
+
+
+def score_shortlist(model, shortlist: pd.DataFrame, queries: Mapping[str, Path], references: Mapping[str, Path],
+                    views: Sequence[str], report: data.SkipReport, cache_dir: str | Path | None = None,
+                    chunk_queries: int = 32, batch_size: int = 128, amp: bool = True, rank: int = 0,
+                    world: int = 1, progress: bool = False,
+                    on_chunk: Callable[[int], None] | None = None) -> tuple[pd.DataFrame, int]:
+    """Pair-score this process's chunks of `shortlist` (query_id, reference_id, score).
+
+    Returns (scored rows, see `score_chunk`; number of pairs scored by this call, i.e. not read back from
+    `cache_dir`). `on_chunk(n_pairs)` is called after each chunk (progress, throughput)."""
+    from tqdm import tqdm
+
+    views = expand_views(views)
+    model = getattr(model, "module", model).eval()
+    half = model.half_size
+    q_cache = TensorCache(queries, half, report, capacity=0)
+    r_cache = TensorCache(references, half, report)
+    by_query = dict(tuple(shortlist.groupby("query_id", sort=False)))
+    mine = [(c, ids) for c, ids in enumerate(chunk_plan(shortlist.query_id, chunk_queries)) if c % world == rank]
+    parts, n_scored = [], 0
+    bar = tqdm(total=sum(len(by_query[q]) for _, ids in mine for q in ids) * len(views), desc="pair scoring",
+               unit="pair", disable=not progress, smoothing=0.1)
+    for c, ids in mine:
+        path = Path(cache_dir) / f"chunk_{c:06d}.csv" if cache_dir else None
+        rows = pd.concat([by_query[q] for q in ids], ignore_index=True)
+        if path is not None and path.is_file():
+            part = pd.read_csv(path, dtype={"query_id": str, "reference_id": str})
+        else:
+            part = score_chunk(model, rows, views, q_cache, r_cache, batch_size, amp)
+            n_scored += len(part) * len(views)
+            if path is not None:
+                with atomic_path(path) as tmp:
+                    part.to_csv(tmp, index=False, float_format="%.6g")
+        parts.append(part)
+        bar.update(len(rows) * len(views))
+        if on_chunk:
+            on_chunk(len(part) * len(views))
+    bar.close()
+    empty = shortlist.iloc[:0].assign(**{f"logit_{v}": [] for v in views}, logit=[])
+    return (pd.concat(parts, ignore_index=True) if parts else empty), n_scored
+
+
+def timed_pairs_per_second(model, n: int = 512, batch_size: int = 128, amp: bool = True) -> float:
+    """Pair-ViT forward passes per second on random uint8 inputs (no decoding): the model's own ceiling."""
+    h, w = model.half_size
+    x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8)
+    _logits(model, x[:batch_size], x[:batch_size], batch_size, amp)  # warm-up
+    start = time.perf_counter()
+    _logits(model, x, x.flip(0), batch_size, amp)
+    return n / (time.perf_counter() - start)

@@ -1,0 +1,69 @@
+"""Calibration of pair logits (+ descriptor similarity) into scores comparable across queries."""
+import json
+
+import numpy as np
+import pytest
+
+from pair_vit.calibration import Calibration, cross_fit, fit
+
+
+def test_identity_is_the_sigmoid_of_the_logit():
+    logit = np.array([-2.0, 0.0, 3.0])
+    np.testing.assert_allclose(Calibration().apply(logit, np.array([0.9, 0.1, 0.5])), 1 / (1 + np.exp(-logit)),
+                               rtol=1e-6)
+    assert not Calibration().fuses
+
+
+def test_apply_by_hand_and_extremes():
+    cal = Calibration(w_logit=2.0, w_desc=1.0, bias=-1.0)
+    assert cal.apply(np.array([0.5]), np.array([1.0]))[0] == pytest.approx(1 / (1 + np.exp(-1.0)))
+    out = cal.apply(np.array([1e6, -1e6]), np.array([0.0, 0.0]))
+    assert np.isfinite(out).all() and out[0] == pytest.approx(1.0) and out[1] == pytest.approx(0.0)
+
+
+def synthetic(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.2
+    logit = rng.normal(0, 1, n) + 3 * labels   # informative
+    similarity = rng.normal(0.3, 0.1, n) + 0.3 * labels  # informative too
+    return np.array([f"Q{i // 5}" for i in range(n)]), logit, similarity, labels
+
+
+def test_fit_learns_positive_weights_and_fusion_helps():
+    from pair_vit.eval import micro_average_precision
+
+    _, logit, sim, labels = synthetic()
+    fused, plain = fit(logit, sim, labels), fit(logit, sim, labels, fuse=False)
+    assert fused.w_logit > 0 and fused.w_desc > 0 and plain.w_desc == 0.0
+    ap = lambda cal: micro_average_precision(cal.apply(logit, sim), labels, int(labels.sum()))  # noqa: E731
+    assert ap(fused) > ap(plain)
+    assert "400 pairs" in fused.fitted_on
+
+
+def test_fit_needs_both_labels():
+    with pytest.raises(ValueError, match="both"):
+        fit(np.zeros(3), np.zeros(3), np.zeros(3))
+
+
+def test_cross_fit_scores_each_query_with_the_other_folds():
+    q, logit, sim, labels = synthetic()
+    scores = cross_fit(q, logit, sim, labels)
+    assert scores.shape == logit.shape and ((scores > 0) & (scores < 1)).all()
+    # all rows of a query share a fold: no query is scored by a fit that saw it
+    one_query = q == "Q3"
+    again = cross_fit(q, logit, sim, labels)
+    np.testing.assert_array_equal(scores[one_query], again[one_query])
+
+
+def test_round_trip_and_bad_files(tmp_path):
+    cal = Calibration(1.5, 0.5, -2.0, threshold_p90=0.7, fitted_on="dev")
+    assert Calibration.from_dict(cal.to_dict()) == cal
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(cal.to_dict()))
+    assert Calibration.read(path) == cal
+    path.write_text('{"w_logit": 1, "temperature": 2}')
+    with pytest.raises(ValueError, match="temperature"):
+        Calibration.read(path)
+    path.write_text("not json")
+    with pytest.raises(ValueError, match="cal.json"):
+        Calibration.read(path)
