@@ -36,10 +36,11 @@ class Calibration:
     fitted_on: str = ""  # what it was fitted on (benchmark, pairs, positives)
 
     def apply(self, logit: np.ndarray, similarity: np.ndarray) -> np.ndarray:
-        """(N,) logits and (N,) descriptor similarities -> (N,) float32 scores in (0, 1)."""
+        """(N,) logits and (N,) descriptor similarities -> (N,) float64 scores in (0, 1) (float64: confident
+        pairs would otherwise all round to exactly 1.0 and tie)."""
         z = self.w_logit * np.asarray(logit, np.float64) + self.w_desc * np.asarray(similarity, np.float64) \
             + self.bias
-        return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
     @property
     def fuses(self) -> bool:
@@ -85,10 +86,10 @@ def cross_fit(query_ids: np.ndarray, logit: np.ndarray, similarity: np.ndarray, 
               fuse: bool = True, folds: int = 2) -> np.ndarray:
     """Scores for every pair from a calibration fitted on the other folds of queries (by a hash of the id).
 
-    All arrays (N,); returns float32 (N,). A fold without both labels among the others falls back to the
+    All arrays (N,); returns float64 (N,). A fold without both labels among the others falls back to the
     identity calibration for its queries."""
     fold = np.array([_fold(q, folds) for q in query_ids])
-    out = np.empty(len(fold), np.float32)
+    out = np.empty(len(fold), np.float64)
     for f in range(folds):
         test, train = fold == f, fold != f
         try:

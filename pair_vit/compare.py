@@ -1,7 +1,9 @@
 """Every matcher on one benchmark, in one process: the table behind the README's figures.
 
-Rows: the peers (PDQ, pHash, SIFT + RANSAC) and the descriptor shortlist (per query-view setting, with and
-without background score normalisation), each with uAP, recall@P90, recall@1, recall@k of the top-k list
+Rows: the peers (PDQ, pHash, SIFT + RANSAC), the descriptor shortlist (per query-view setting, with and
+without background score normalisation) and the pair-ViT reranking (per set of query views, from one run
+that scores every view; "+fused" rows use the calibration stored with the weights, "+fused (cross-fit)" one
+fitted on the other half of the queries), each with uAP, recall@P90, recall@1, recall@k of the top-k list
 and wall time. Machine-dependent timings are also given as a ratio to PDQ run in the same process.
 A second table measures how faiss search time grows with the reference-set size (Flat vs IVF-PQ).
 
@@ -33,7 +35,7 @@ class CompareConfig:
 
     benchmark: str = opt("", "benchmark folder written by scripts/make_benchmark.py")
     out: str = opt("", "folder for the tables (default: BENCHMARK/results)")
-    methods: list = opt(["pdq", "phash", "sift", "descriptor"], "matchers to run")
+    methods: list = opt(["pdq", "phash", "sift", "descriptor", "rerank"], "matchers to run")
     k: int = opt(50, "predictions per query (recall@k is reported up to this k)")
     descriptor_checkpoint: str = opt("", "descriptor weights (default: the ones shipped in the package)")
     views: list = opt(["full", "halves"], "descriptor query-view settings to compare (full, halves, grid)")
@@ -42,6 +44,18 @@ class CompareConfig:
     background_split: str = opt("train", "which side of the fixed split of --background to use",
                                 choices=("train", "all"))
     background_max: int = opt(2000, "at most this many background photos")
+    pair_checkpoint: str = opt("", "pair-ViT weights (default: the ones shipped in the package)")
+    pair_views: list = opt(["full", "center", "halves", "rotations", "hflip"],
+                           "pair-ViT query views scored once; rows for full alone, full + each other view or "
+                           "group, and all of them")
+    shortlist_views: str = opt("full", "descriptor query views for the reranker's shortlist",
+                               choices=("full", "halves", "grid"))
+    rerank_k: int = opt(20, "shortlist size the pair ViT rescores")
+    smoke: str = opt("", "folder of real copy pairs (e.g. ../shared/data/smoke), one sub-folder each: a "
+                         "ground_truth.csv naming query and reference, or *_original.* + one other image; "
+                         "reports where the true reference ranks among distractors")
+    smoke_distractors: str = opt("", "photos used as distractor references for --smoke (their dev split)")
+    smoke_max: int = opt(1000, "at most this many distractors")
     batch_size: int = opt(64, "descriptor batch size")
     amp: bool = opt(True, "bf16 autocast for the descriptor")
     scaling_sizes: list = opt([1000, 10000, 100000, 1000000], "reference-set sizes for the faiss search-time "
@@ -61,8 +75,15 @@ def _save_artefacts(label: str, submission: pd.DataFrame, gt: pd.DataFrame, cfg:
         evaluation.write_pr_curve(out / f"pr_{label}.png", precision, recall, title=label)
 
 
+def artefact_name(method: str, variant: str) -> str:
+    """A file-name-safe label: rerank + "full+center +fused" -> rerank_full+center_fused."""
+    label = f"{method}_{variant}" if variant else method
+    safe = "".join(c if c.isalnum() or c in "+-." else "_" for c in label.replace(" +", "_"))
+    return "_".join(part for part in safe.split("_") if part)
+
+
 def _metrics_row(name: str, variant: str, submission: pd.DataFrame, gt: pd.DataFrame, seconds: float,
-                 n_images: int) -> dict:
+                 n_images: int, n_queries: int) -> dict:
     m = evaluation.evaluate(submission, gt)
     from pair_vit.index import recall_at_k
 
@@ -70,7 +91,8 @@ def _metrics_row(name: str, variant: str, submission: pd.DataFrame, gt: pd.DataF
     return {"method": name, "variant": variant, "uAP": m.uap, "recall@P90": m.recall_at_p90,
             "threshold@P90": m.threshold_at_p90, "recall@1": m.recall_at_1,
             **{f"R@{k}": v for k, v in recalls.items()},
-            "seconds": seconds, "images/s": n_images / seconds if seconds > 0 else float("nan")}
+            "seconds": seconds, "images/s": n_images / seconds if seconds > 0 else float("nan"),
+            "s/query": seconds / max(1, n_queries)}
 
 
 def _timed(fn: Callable[[], pd.DataFrame]) -> tuple[pd.DataFrame, float]:
@@ -89,7 +111,7 @@ def peer_results(method: str, layout: data.DiscLayout, cfg: CompareConfig) -> li
     elif method in baselines.HASH_METHODS:
         sub, sec = _timed(lambda: baselines.hash_submission(q, r, method, k=cfg.k))
     else:
-        raise ValueError(f"unknown matcher {method!r}; available: {list(baselines.METHODS) + ['descriptor']}")
+        raise ValueError(f"unknown matcher {method!r}; available: {list(baselines.METHODS) + ['descriptor', 'rerank']}")
     return [(method, "", sub, sec)]
 
 
@@ -122,6 +144,94 @@ def descriptor_results(layout: data.DiscLayout, cfg: CompareConfig) -> list[Resu
     return rows
 
 
+def view_sets(views: list[str]) -> list[tuple[str, list[str]]]:
+    """The pair-view settings compared, named: full alone, full + each other view or group, all of them."""
+    from pair_vit.pair_scoring import expand_views
+
+    sets = [("full", ["full"])]
+    for name in views:
+        if name != "full":
+            sets.append((f"full+{name}", expand_views(["full", name])))
+    everything = expand_views(["full", *views])
+    return sets + ([("all views", everything)] if everything not in [v for _, v in sets] else [])
+
+
+def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig, out: Path) -> list[Result]:
+    """Descriptor shortlist rescored by the pair ViT: one run scoring every view, then a row per view set."""
+    from pair_vit import rerank
+    from pair_vit.calibration import Calibration, cross_fit
+
+    rcfg = rerank.RerankConfig(queries=str(layout.queries), references=str(layout.references),
+                               output=str(out / "rerank.csv"), work_dir=str(out / "rerank.work"), k=cfg.rerank_k,
+                               checkpoint=cfg.pair_checkpoint, descriptor_checkpoint=cfg.descriptor_checkpoint,
+                               pair_views=list(cfg.pair_views), views=cfg.shortlist_views, amp=cfg.amp,
+                               progress=False)
+    found, seconds = _timed(lambda: rerank.match(rcfg))
+    rows, scored = [], found.rows
+    shortlist_sec = seconds - found.stats.get("pair_seconds", 0.0)
+    labels = evaluation.label_predictions(scored, gt)
+    n_views = len([c for c in scored.columns if c.startswith("logit_")])
+    for name, views in view_sets(list(cfg.pair_views)):
+        logit = scored[[f"logit_{v}" for v in views]].max(axis=1).to_numpy()
+        sec = shortlist_sec + found.stats.get("pair_seconds", 0.0) * len(views) / max(n_views, 1)
+        sub = scored[["query_id", "reference_id"]].assign(score=Calibration().apply(logit, scored.score))
+        rows.append(("rerank", name, sub, sec))
+        if found.calibration is not None and found.calibration.fuses:
+            rows.append(("rerank", name + " +fused", sub.assign(score=found.calibration.apply(logit, scored.score)),
+                         sec))
+        if labels.any() and not labels.all():
+            fused = cross_fit(scored.query_id.to_numpy(), logit, scored.score.to_numpy(), labels)
+            rows.append(("rerank", name + " +fused (cross-fit)", sub.assign(score=fused), sec))
+    return rows
+
+
+def smoke_pair(folder: Path) -> tuple[Path, Path]:
+    """(query, reference) images of a smoke-pair folder (see CompareConfig.smoke)."""
+    images = data.list_images(folder)
+    if (folder / "ground_truth.csv").is_file():
+        gt = data.read_ground_truth(folder / "ground_truth.csv")
+        return images[gt.query_id.iloc[0]], images[gt.reference_id.iloc[0]]
+    originals = [i for i in images if i.endswith("_original")]
+    if len(images) != 2 or len(originals) != 1:
+        raise ValueError(f"{folder}: expected ground_truth.csv, or two images one of which is *_original")
+    query = next(i for i in images if i not in originals)
+    return images[query], images[originals[0]]
+
+
+def _rank(rows: pd.DataFrame, reference: str) -> float:
+    ranked = list(rows.sort_values("score", ascending=False, kind="stable").reference_id)
+    return float(ranked.index(reference) + 1) if reference in ranked else float("nan")
+
+
+def smoke_ranks(cfg: CompareConfig) -> pd.DataFrame:
+    """Rank of each real copy's true reference among `smoke_max` distractors: descriptor and reranked."""
+    import tempfile
+
+    from pair_vit import rerank
+
+    distractors = data.split_images(data.list_images(cfg.smoke_distractors), "dev") if cfg.smoke_distractors else {}
+    distractors = {i: distractors[i] for i in sorted(distractors)[: cfg.smoke_max]}
+    rows = []
+    for folder in sorted(p for p in Path(cfg.smoke).iterdir() if p.is_dir()):
+        query, reference = smoke_pair(folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            qdir, rdir = Path(tmp, "queries"), Path(tmp, "references")
+            qdir.mkdir()
+            rdir.mkdir()
+            (qdir / query.name).symlink_to(query.resolve())
+            for p in [reference, *distractors.values()]:
+                (rdir / p.name).symlink_to(Path(p).resolve())
+            found = rerank.match(rerank.RerankConfig(
+                queries=str(qdir), references=str(rdir), output=str(Path(tmp, "s.csv")), k=cfg.rerank_k,
+                checkpoint=cfg.pair_checkpoint, descriptor_checkpoint=cfg.descriptor_checkpoint,
+                pair_views=list(cfg.pair_views), views=cfg.shortlist_views, progress=False))
+        sub = found.submission()
+        rows.append({"pair": folder.name, "references": len(distractors) + 1,
+                     "descriptor rank": _rank(found.rows, reference.stem), "reranked rank": _rank(sub, reference.stem),
+                     "reranked score": float(sub.set_index("reference_id").score.get(reference.stem, float("nan")))})
+    return pd.DataFrame(rows)
+
+
 def model_throughput(cfg: CompareConfig, n: int = 512) -> dict:
     """Descriptor forward passes per second on preprocessed tensors (no decoding), bf16 and fp32."""
     import torch
@@ -137,6 +247,15 @@ def model_throughput(cfg: CompareConfig, n: int = 512) -> dict:
         _, sec = _timed(lambda: embed(model, x, cfg.batch_size, amp=amp))
         out["bf16" if amp else "fp32"] = n / sec
     return out
+
+
+def pair_throughput(cfg: CompareConfig, n: int = 512) -> dict:
+    """Pair-ViT forward passes per second on uint8 tensors (no decoding), bf16 and fp32."""
+    from pair_vit.pair_model import SHIPPED_WEIGHTS, load_pair_model
+    from pair_vit.pair_scoring import timed_pairs_per_second
+
+    model, _ = load_pair_model(cfg.pair_checkpoint or SHIPPED_WEIGHTS)
+    return {"bf16" if amp else "fp32": timed_pairs_per_second(model, n, amp=amp) for amp in (True, False)}
 
 
 def search_scaling(sizes: list[int], n_queries: int, dim: int = 256, seed: int = 0) -> pd.DataFrame:
@@ -184,13 +303,15 @@ def run(cfg: CompareConfig, command: str | None = None) -> pd.DataFrame:
     gt = layout.load_ground_truth()
     out = Path(cfg.out) if cfg.out else Path(cfg.benchmark) / "results"
     save_config(cfg, out / "config.yaml")
-    n_images = len(layout.query_images()) + len(layout.reference_images())
+    n_queries = len(layout.query_images())
+    n_images = n_queries + len(layout.reference_images())
     rows = []
     for method in cfg.methods:
-        results = descriptor_results(layout, cfg) if method == "descriptor" else peer_results(method, layout, cfg)
+        results = (descriptor_results(layout, cfg) if method == "descriptor" else
+                   rerank_results(layout, gt, cfg, out) if method == "rerank" else peer_results(method, layout, cfg))
         for name, variant, sub, seconds in results:
-            rows.append(_metrics_row(name, variant, sub, gt, seconds, n_images))
-            _save_artefacts(f"{name}_{variant}" if variant else name, sub, gt, cfg, out)
+            rows.append(_metrics_row(name, variant, sub, gt, seconds, n_images, n_queries))
+            _save_artefacts(artefact_name(name, variant), sub, gt, cfg, out)
             print(f"{name} {variant}: uAP {rows[-1]['uAP']:.4f}  ({seconds:.1f} s)")
     table = pd.DataFrame(rows)
     if "pdq" in set(table.method):
@@ -199,9 +320,14 @@ def run(cfg: CompareConfig, command: str | None = None) -> pd.DataFrame:
     if "descriptor" in cfg.methods:
         speed = model_throughput(cfg)
         print(f"descriptor forward passes: {speed['bf16']:.0f} img/s bf16, {speed['fp32']:.0f} img/s fp32")
+    if "rerank" in cfg.methods:
+        speed = pair_throughput(cfg)
+        print(f"pair-ViT forward passes: {speed['bf16']:.0f} pairs/s bf16, {speed['fp32']:.0f} pairs/s fp32")
     if any(s > 0 for s in cfg.scaling_sizes):
         _write(search_scaling(cfg.scaling_sizes, cfg.scaling_queries), out, "search_scaling",
                "faiss search time vs reference-set size (random 256-d vectors, top-10)", command)
+    if cfg.smoke:
+        _write(smoke_ranks(cfg), out, "smoke", f"Real copies from {cfg.smoke} among distractor references", command)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory {peak:.0f} MB")
     return table

@@ -40,7 +40,12 @@ _TRANSPOSES = {"rot90": Image.Transpose.ROTATE_90, "rot180": Image.Transpose.ROT
                "rot270": Image.Transpose.ROTATE_270, "hflip": Image.Transpose.FLIP_LEFT_RIGHT}
 PAIR_VIEWS = ("full", *_BOXES, *_TRANSPOSES)
 VIEW_GROUPS = {"halves": ("left", "right", "top", "bottom"), "rotations": ("rot90", "rot180", "rot270")}
-LOAD_SIDE = 256  # pair_data.PairDataConfig.load_side: photos are decoded at this size for training too
+LOAD_SIDE = 256  # the trainer decodes photos at max(256, 2 x pair height) before editing; so does scoring
+
+
+def load_side(half_size: Sequence[int]) -> int:
+    """Longest side images are decoded at for a model whose halves are `half_size` (h, w), as in training."""
+    return max(LOAD_SIDE, 2 * int(half_size[0]))
 
 
 def expand_views(names: Sequence[str]) -> list[str]:
@@ -184,8 +189,8 @@ def score_shortlist(model, shortlist: pd.DataFrame, queries: Mapping[str, Path],
     views = expand_views(views)
     model = getattr(model, "module", model).eval()
     half = model.half_size
-    q_cache = TensorCache(queries, half, report, capacity=0)
-    r_cache = TensorCache(references, half, report)
+    q_cache = TensorCache(queries, half, report, capacity=0, load_side=load_side(half))
+    r_cache = TensorCache(references, half, report, load_side=load_side(half))
     by_query = dict(tuple(shortlist.groupby("query_id", sort=False)))
     mine = [(c, ids) for c, ids in enumerate(chunk_plan(shortlist.query_id, chunk_queries)) if c % world == rank]
     parts, n_scored = [], 0

@@ -201,6 +201,8 @@ def check_config(cfg: RerankConfig, need_output: bool = True) -> None:
 
 
 def work_folder(cfg: RerankConfig) -> Path:
+    if not (cfg.work_dir or cfg.output):
+        raise ValueError("--work-dir (or --output, whose .work folder is the default) is required")
     return Path(cfg.work_dir) if cfg.work_dir else Path(cfg.output + ".work")
 
 
@@ -350,7 +352,7 @@ def finalise(submission: pd.DataFrame, max_per_query: int) -> pd.DataFrame:
 def write_outputs(submission: pd.DataFrame, report: data.SkipReport, cfg: RerankConfig) -> None:
     out = Path(cfg.output)
     with atomic_path(out) as tmp:
-        submission.to_csv(tmp, index=False, float_format="%.8g")
+        submission.to_csv(tmp, index=False, float_format="%.10g")
     skipped = out.with_name(out.name + ".skipped.csv")
     if len(report):
         report.write_csv(skipped)

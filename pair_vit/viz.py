@@ -35,3 +35,30 @@ def save_figure(fig, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def match_grid(queries: dict[str, Path], references: dict[str, Path], submission, ground_truth, n_queries: int = 6,
+               top: int = 3, seed: int = 0, title: str = ""):
+    """Rows of [query, its `top` highest-scoring references]; each candidate titled with its score and a
+    tick for a true copy. Shows queries that have a true reference first (a random sample, `seed`)."""
+    import numpy as np
+
+    from pair_vit.data import load_image
+
+    truth = set(zip(ground_truth.query_id.astype(str), ground_truth.reference_id.astype(str)))
+    with_gt = sorted({q for q, _ in truth} & set(submission.query_id))
+    rng = np.random.default_rng(seed)
+    chosen = list(rng.choice(with_gt, size=min(n_queries, len(with_gt)), replace=False)) if with_gt else []
+    images, titles = [], []
+    ranked = submission.sort_values(["query_id", "score"], ascending=[True, False])
+    for q in chosen:
+        images.append(load_image(queries[q], max_side=256))
+        titles.append(f"query {q}")
+        rows = ranked[ranked.query_id == q].head(top)
+        for r, score in zip(rows.reference_id, rows.score):
+            images.append(load_image(references[r], max_side=256))
+            titles.append(f"{'COPY ' if (q, r) in truth else ''}{r}  {score:.3f}")
+        for _ in range(top - len(rows)):
+            images.append(Image.new("RGB", (8, 8), "white"))
+            titles.append("")
+    return image_grid(images, titles, ncols=top + 1, cell=2.2, suptitle=title)

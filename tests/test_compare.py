@@ -32,14 +32,31 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_every_matcher_gets_a_row(bench, checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def pair_checkpoint(tmp_path_factory):
+    from pair_vit.pair_model import build_pair_model, default_model_args, save_pair_model
+
+    torch.manual_seed(0)
+    model = build_pair_model(default_model_args(input_size=[32, 64],
+                                                backbone_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}))
+    path = tmp_path_factory.mktemp("pair") / "pair.pt"
+    save_pair_model(path, model, config={}, step=0, extra={"calibration": {"w_logit": 1.0, "w_desc": 5.0}})
+    return path
+
+
+def test_every_matcher_gets_a_row(bench, checkpoint, pair_checkpoint, tmp_path):
     cfg = compare.CompareConfig(benchmark=str(bench), out=str(tmp_path), descriptor_checkpoint=str(checkpoint),
                                 views=["full", "halves"], background=str(Path(str(demo_dir())) / "skimage"),
-                                background_split="all", k=5, scaling_sizes=[0])
+                                background_split="all", k=5, scaling_sizes=[0], pair_checkpoint=str(pair_checkpoint),
+                                pair_views=["full", "center"], rerank_k=3)
     table = compare.run(cfg, command="test")
     variants = set(zip(table.method, table.variant))
     assert {("pdq", ""), ("phash", ""), ("sift", ""), ("descriptor", "full"), ("descriptor", "full+norm"),
-            ("descriptor", "halves"), ("descriptor", "halves+norm")} == variants
+            ("descriptor", "halves"), ("descriptor", "halves+norm"), ("rerank", "full"), ("rerank", "full +fused"),
+            ("rerank", "full+center"), ("rerank", "full+center +fused")} <= variants
+    assert {m for m, _ in variants} == {"pdq", "phash", "sift", "descriptor", "rerank"}
+    assert (tmp_path / "pr_rerank_full+center_fused.png").is_file()
+    assert (tmp_path / "rerank_full.csv").is_file() and (table["s/query"] > 0).all()
     assert table["uAP"].between(0, 1).all() and (table["R@5"] >= table["R@1"]).all()
     assert (table["time vs pdq"] > 0).all()
     saved = pd.read_csv(tmp_path / "results.csv")
@@ -56,3 +73,36 @@ def test_search_scaling_flat_and_ivf():
 def test_script_requires_a_benchmark():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py")], capture_output=True, text=True)
     assert done.returncode == 2 and "--benchmark" in done.stderr
+
+
+def test_view_sets_and_artefact_names():
+    assert compare.view_sets(["full", "center", "halves"]) == [
+        ("full", ["full"]), ("full+center", ["full", "center"]),
+        ("full+halves", ["full", "left", "right", "top", "bottom"]),
+        ("all views", ["full", "center", "left", "right", "top", "bottom"])]
+    assert compare.view_sets(["full", "hflip"]) == [("full", ["full"]), ("full+hflip", ["full", "hflip"])]
+    assert compare.artefact_name("rerank", "full+center +fused (cross-fit)") == "rerank_full+center_fused_cross-fit"
+    assert compare.artefact_name("pdq", "") == "pdq"
+
+
+def test_smoke_ranks_real_pairs_among_distractors(checkpoint, pair_checkpoint, tmp_path):
+    import shutil
+
+    from pair_vit import data
+
+    photos = sorted(data.list_images(demo_dir() / "skimage").values())
+    smoke = tmp_path / "smoke"
+    (smoke / "a").mkdir(parents=True)
+    (smoke / "b").mkdir()
+    shutil.copy(photos[0], smoke / "a" / "Q1.jpg")
+    shutil.copy(photos[0], smoke / "a" / "R1.jpg")
+    (smoke / "a" / "ground_truth.csv").write_text("query_id,reference_id\nQ1,R1\n")
+    shutil.copy(photos[1], smoke / "b" / "x_original.jpg")
+    shutil.copy(photos[1], smoke / "b" / "x_modified.jpg")
+    cfg = compare.CompareConfig(smoke=str(smoke), smoke_distractors=str(demo_dir() / "clothing_cc0"), smoke_max=6,
+                                descriptor_checkpoint=str(checkpoint), pair_checkpoint=str(pair_checkpoint),
+                                pair_views=["full"], rerank_k=5)
+    table = compare.smoke_ranks(cfg)
+    assert list(table.pair) == ["a", "b"]
+    assert (table["descriptor rank"] == 1).all()  # exact copies: the descriptor puts them first
+    assert table["reranked rank"].between(1, 5).all() and table["reranked score"].between(0, 1).all()
