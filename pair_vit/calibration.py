@@ -130,7 +130,7 @@ def run(cfg: CalibrateConfig) -> Calibration:
     layout = data.DiscLayout.from_root(cfg.benchmark)
     out = Path(cfg.out) if cfg.out else Path(cfg.benchmark) / "calibration.json"
     rcfg = rerank.RerankConfig(queries=str(layout.queries), references=str(layout.references),
-                               output=str(out.with_suffix(".csv")), k=cfg.k, checkpoint=cfg.checkpoint,
+                               work_dir=str(out) + ".work", k=cfg.k, checkpoint=cfg.checkpoint,
                                descriptor_checkpoint=cfg.descriptor_checkpoint, pair_views=list(cfg.pair_views),
                                views=cfg.views, calibration="none")
     rows, gt = rerank.match(rcfg).rows, layout.load_ground_truth()

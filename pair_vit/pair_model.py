@@ -188,20 +188,27 @@ def preprocess(image: Image.Image, size: Sequence[int] = (112, 112), mean: Seque
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+def normalise_uint8(x: torch.Tensor, mean: Sequence[float] = DEFAULT_MEAN,
+                    std: Sequence[float] = DEFAULT_STD) -> torch.Tensor:
+    """(B, 3, h, w) uint8 images at the model's half size -> float32, normalised as `preprocess` does. The
+    reranker keeps decoded images as uint8 (4x less memory) and normalises them batch by batch."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x.float() / 255 - m) / s
+
+
 def _as_batch(model: PairViT, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
-    """PIL images or (3, h, w) tensors, or an (n, 3, h, w) tensor -> (n, 3, h, w) tensor."""
+    """PIL images or (3, h, w) tensors, or an (n, 3, h, w) float (normalised) or uint8 tensor
+    -> (n, 3, h, w) normalised float tensor."""
     if isinstance(images, torch.Tensor):
+        if images.dtype == torch.uint8:
+            return normalise_uint8(images, model.model_args["mean"], model.model_args["std"])
         return images
     return torch.stack([model.preprocess(im) if isinstance(im, Image.Image) else im for im in images])
 
 
-def score_pairs(model: PairViT, refs: Sequence[Any] | torch.Tensor, queries: Sequence[Any] | torch.Tensor,
-                batch_size: int = 64, amp: bool = True) -> np.ndarray:
-    """Probability that queries[i] was derived from refs[i], for every i -> np.float32 (N,) in [0, 1].
-
-    refs, queries: N PIL images (preprocessed here, batch by batch) or (3, H, W/2) tensors from `preprocess`,
-    or (N, 3, H, W/2) tensors. `amp`: bf16 autocast. The model is scored in eval mode and put back as it was.
-    """
+def _forward_pairs(model: PairViT, refs, queries, batch_size: int, amp: bool) -> torch.Tensor:
+    """Logits (N,) float32 on the CPU of refs[i] vs queries[i], batch by batch, in eval mode (restored after)."""
     if len(refs) != len(queries):
         raise ValueError(f"{len(refs)} references but {len(queries)} queries: pairs must line up")
     model = getattr(model, "module", model)  # a DistributedDataParallel wrapper scores with its module
@@ -214,10 +221,27 @@ def score_pairs(model: PairViT, refs: Sequence[Any] | torch.Tensor, queries: Seq
             for start in range(0, len(refs), batch_size):
                 r = _as_batch(model, refs[start:start + batch_size]).to(device)
                 q = _as_batch(model, queries[start:start + batch_size]).to(device)
-                out.append(torch.sigmoid(model(r, q).float()).cpu())
+                out.append(model(r, q).float().cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def pair_logits(model: PairViT, refs: Sequence[Any] | torch.Tensor, queries: Sequence[Any] | torch.Tensor,
+                batch_size: int = 64, amp: bool = True) -> np.ndarray:
+    """Logit that queries[i] was derived from refs[i] (higher = more likely a copy) -> np.float32 (N,).
+    Inputs as for `score_pairs`, plus uint8 (N, 3, H, W/2) tensors (see `normalise_uint8`)."""
+    return _forward_pairs(model, refs, queries, batch_size, amp).numpy().astype(np.float32)
+
+
+def score_pairs(model: PairViT, refs: Sequence[Any] | torch.Tensor, queries: Sequence[Any] | torch.Tensor,
+                batch_size: int = 64, amp: bool = True) -> np.ndarray:
+    """Probability that queries[i] was derived from refs[i], for every i -> np.float32 (N,) in [0, 1].
+
+    refs, queries: N PIL images (preprocessed here, batch by batch) or (3, H, W/2) tensors from `preprocess`,
+    or (N, 3, H, W/2) tensors. `amp`: bf16 autocast. The model is scored in eval mode and put back as it was.
+    """
+    return torch.sigmoid(_forward_pairs(model, refs, queries, batch_size, amp)).numpy().astype(np.float32)
 
 
 def pair_metrics(probs: np.ndarray, labels: np.ndarray, group_size: int) -> dict[str, float]:

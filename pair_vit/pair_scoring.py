@@ -30,6 +30,7 @@ from PIL import Image
 
 from pair_vit import data
 from pair_vit.io import atomic_path
+from pair_vit.pair_model import pair_logits
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,6 @@ def to_uint8(image: Image.Image, half_size: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image, np.uint8).transpose(2, 0, 1)))
 
 
-def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(B, 3, h, w) uint8 -> float32 normalised as `pair_model.preprocess` does."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x.float() / 255 - m) / s
-
-
 class TensorCache:
     """Decoded images as uint8 tensors at the model's half size, least recently used dropped past `capacity`.
 
@@ -136,18 +130,6 @@ def _query_views(cache: TensorCache, query_id: str, views: list[str]) -> torch.T
     return torch.stack([to_uint8(view_image(image, v), cache.half_size) for v in views])
 
 
-def _logits(model, refs: torch.Tensor, queries: torch.Tensor, batch_size: int, amp: bool) -> np.ndarray:
-    """Pair logits of refs[i] vs queries[i] (uint8 (N, 3, h, w) each) -> float32 (N,)."""
-    args = model.model_args
-    out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        for start in range(0, len(refs), batch_size):
-            r = normalise(refs[start:start + batch_size], args["mean"], args["std"])
-            q = normalise(queries[start:start + batch_size], args["mean"], args["std"])
-            out.append(model(r, q).float())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
-
-
 def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: TensorCache, ref_cache: TensorCache,
                 batch_size: int = 128, amp: bool = True) -> pd.DataFrame:
     """Score the shortlist rows (query_id, reference_id, score) of a few queries against every view.
@@ -162,8 +144,8 @@ def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: Tensor
     if keep.empty:
         return keep.assign(**{c: np.zeros(0, np.float32) for c in columns + ["logit"]})
     refs = torch.stack([r_tensors[r] for r in keep.reference_id])
-    logits = np.stack([_logits(model, refs, torch.stack([q_tensors[q][v] for q in keep.query_id]), batch_size, amp)
-                       for v in range(len(views))], axis=1)  # (pairs, views)
+    logits = np.stack([pair_logits(model, refs, torch.stack([q_tensors[q][v] for q in keep.query_id]),
+                                   batch_size, amp) for v in range(len(views))], axis=1)  # (pairs, views)
     keep[columns] = logits
     keep["logit"] = logits.max(axis=1)
     return keep
@@ -220,7 +202,7 @@ def timed_pairs_per_second(model, n: int = 512, batch_size: int = 128, amp: bool
     """Pair-ViT forward passes per second on random uint8 inputs (no decoding): the model's own ceiling."""
     h, w = model.half_size
     x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8)
-    _logits(model, x[:batch_size], x[:batch_size], batch_size, amp)  # warm-up
+    pair_logits(model, x[:batch_size], x[:batch_size], batch_size, amp)  # warm-up
     start = time.perf_counter()
-    _logits(model, x, x.flip(0), batch_size, amp)
+    pair_logits(model, x, x.flip(0), batch_size, amp)
     return n / (time.perf_counter() - start)

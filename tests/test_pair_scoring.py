@@ -11,7 +11,7 @@ from PIL import Image
 import pair_vit
 from pair_vit import data
 from pair_vit import pair_scoring as ps
-from pair_vit.pair_model import build_pair_model, default_model_args, preprocess
+from pair_vit.pair_model import build_pair_model, default_model_args, normalise_uint8, preprocess
 
 TINY = dict(input_size=[32, 64], backbone_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
 
@@ -53,7 +53,7 @@ def test_view_image_geometry():
 
 def test_uint8_path_matches_preprocess():
     im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
-    x = ps.normalise(ps.to_uint8(im, (16, 16))[None], (0.5,) * 3, (0.5,) * 3)[0]
+    x = normalise_uint8(ps.to_uint8(im, (16, 16))[None], (0.5,) * 3, (0.5,) * 3)[0]
     torch.testing.assert_close(x, preprocess(im, (16, 16)), atol=1e-5, rtol=0)
 
 
@@ -91,7 +91,7 @@ def test_score_chunk_max_over_views_and_skips_unreadable(model, photos):
     # the full view is exactly what the model gives for the two preprocessed images
     ref = ps.to_uint8(data.load_image(photos[refs[1]], max_side=ps.LOAD_SIDE), model.half_size)
     query = ps.to_uint8(data.load_image(photos[refs[0]], max_side=ps.LOAD_SIDE), model.half_size)
-    norm = lambda x: ps.normalise(x[None], model.model_args["mean"], model.model_args["std"])  # noqa: E731
+    norm = lambda x: normalise_uint8(x[None], model.model_args["mean"], model.model_args["std"])  # noqa: E731
     with torch.inference_mode():
         expected = model(norm(ref), norm(query)).item()
     assert out.set_index("reference_id").logit_full[refs[1]] == pytest.approx(expected, abs=1e-4)
