@@ -261,6 +261,15 @@ def intensity_cap(cfg: TrainDescriptorConfig, step: int) -> float:
     return cfg.intensity_start + (cfg.intensity_end - cfg.intensity_start) * min(1.0, step / ramp)
 
 
+def _step_rng(cfg: TrainDescriptorConfig, step: int, rank: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, 777, step, rank])
+
+
+def step_photos(n: int, table: np.ndarray, cfg: TrainDescriptorConfig, step: int, rank: int) -> list[int]:
+    """The photo rows of the batch `StepBatches` makes for (step, rank), in batch order."""
+    return pick_photos(_step_rng(cfg, step, rank), n, cfg.batch_size, table, cfg)
+
+
 def pick_photos(rng: np.random.Generator, n: int, batch: int, table: np.ndarray,
                 cfg: TrainDescriptorConfig) -> list[int]:
     """`batch` distinct photos: groups of look-alikes (anchor + its neighbours) first, then random ones."""
@@ -312,7 +321,7 @@ class StepBatches(torch.utils.data.Dataset):
 
     def _batch(self, step: int) -> torch.Tensor:
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, 777, step, self.rank])
+        rng = _step_rng(cfg, step, self.rank)
         photos = pick_photos(rng, len(self.cache.ids), cfg.batch_size, self.table, cfg)
         cap = intensity_cap(cfg, step)
         side, keep = cfg.image_size, 1.0 - cfg.jitter

@@ -19,13 +19,13 @@ edits on the fly instead (use `--num-workers 1` then).
 
 Hard negatives: part of every batch (`hard_fraction`) is made of groups of `group_size` look-alike photos,
 nearest neighbours under a colour/layout thumbnail at first and under the model's own descriptors,
-re-mined every `mine_every` steps.
+re-mined every `mine_every` steps. `memory_size` adds a cross-batch memory of recent embeddings as extra
+negatives (`pair_vit.descriptor_loss`); `init_from` fine-tunes existing weights with a fresh schedule (the
+shipped descriptor: configs/descriptor.yaml from scratch, then configs/descriptor_finetune.yaml).
 
-Measured (2-core AVX512-BF16 CPU, resnet10t at 160 px, batch 64 photos = 128 views, bf16): ~0.94 steps/s
-(120 views/s) when the CPU is otherwise idle; the cache of 3,009 photos x 8 views took ~2 min with 2 workers;
-re-mining look-alikes takes ~10 s. Another busy process on the same 2 cores cuts 2-thread training by
-3-15x (OpenMP threads wait on each other), while `--threads 1` keeps ~70 views/s: use it on a shared CPU.
-A 300-step trial (about 5 minutes) lifted uAP on a 300/300 dev benchmark from 0.09 (random weights) to 0.26.
+Measured (2-core AVX512-BF16 CPU, resnet10t at 160 px, 64 photos = 128 views per step, bf16): ~0.9 steps/s
+on an idle CPU; caching 3,009 photos x 8 views took ~2 min with 2 workers; re-mining takes ~10 s. Another busy
+process on the 2 cores cuts 2-thread training 3-15x, while `--threads 1` keeps ~70 views/s on a shared CPU.
 
 Every batch is a function of (seed, step, process rank) and of the saved neighbour table, so `--resume`
 continues a run exactly (same max_steps) from `checkpoint.pt`; `--stop-at` ends a run early without
@@ -44,15 +44,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pair_vit import data, training
 from pair_vit.checkpoint import save_checkpoint, state_dict_to
 from pair_vit.config import opt, save_config, to_dict
 from pair_vit.descriptor import KIND, Descriptor, DescriptorModelConfig
+from pair_vit.descriptor_loss import CrossBatchMemory, info_nce
 from pair_vit.descriptor_data import (StepBatches, ViewCache, intensity_cap, knn, mine_neighbours, prepare_data,
-                                      thumbnail_vectors)
+                                      step_photos, thumbnail_vectors)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ MODEL_KEYS = ("backbone", "embed_dim", "image_size", "gem_p", "pretrained")
 DATA_KEYS = ("train_dir", "split", "split_seed", "dev_fraction", "seed", "views_per_photo", "edit_side",
              "n_edits_max", "intensity_start", "intensity_end", "ramp_fraction", "hard_fraction", "group_size",
              "neighbours", "mine_every", "jitter")
-LOSS_KEYS = ("batch_size", "temperature", "learn_temperature")
+LOSS_KEYS = ("batch_size", "temperature", "learn_temperature", "memory_size", "init_from")
 # A resumed run must match the saved one in these; lr, max_steps, checkpointing, workers... may change.
 RESUME_KEYS = MODEL_KEYS + DATA_KEYS + LOSS_KEYS
 
@@ -83,6 +83,8 @@ class TrainDescriptorConfig:
     image_size: int = opt(160, "input side in pixels (images are square-resized)")
     gem_p: float = opt(3.0, "initial GeM pooling exponent (learned)")
     pretrained: str = opt("", "timm hub name or local weights file for the backbone (needs a hub; empty: scratch)")
+    init_from: str = opt("", "start from this descriptor checkpoint's weights with a fresh schedule (fine-tuning; "
+                             "model settings must match)")
     # optimisation
     max_steps: int = opt(4000, "optimisation steps; the LR schedule and curriculum are laid out over them")
     stop_at: int = opt(0, "stop (with a checkpoint) after this many steps without changing the schedule; 0: max_steps")
@@ -93,6 +95,7 @@ class TrainDescriptorConfig:
     grad_clip: float = opt(2.0, "clip the gradient norm to this (0: off)")
     temperature: float = opt(0.05, "InfoNCE temperature (initial value if learned)")
     learn_temperature: bool = opt(False, "learn the temperature")
+    memory_size: int = opt(0, "cross-batch memory: this many recent view embeddings are extra negatives (0: off)")
     amp: bool = opt(True, "bf16 autocast (--no-amp: float32)")
     # data
     views_per_photo: int = opt(12, "edited views cached per photo (0: edit on the fly every step, slower)")
@@ -139,31 +142,12 @@ class TrainModule(nn.Module):
         return self.descriptor(x), self.log_temperature.exp().clamp(min=0.01, max=1.0)
 
 
-def info_nce(z: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric InfoNCE over (2B, D) unit vectors whose rows i and i+B are positives; (loss, top-1 accuracy)."""
-    n = z.shape[0] // 2
-    sim = (z.float() @ z.float().T) / temperature
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), -math.inf)
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    loss = F.cross_entropy(sim, target)
-    accuracy = (sim.argmax(dim=1) == target).float().mean()
-    return loss, accuracy
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(cfg: TrainDescriptorConfig, step: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.01 at max_steps (`step` = steps already done)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------- setting up
@@ -174,7 +158,8 @@ def _check_config(cfg: TrainDescriptorConfig) -> None:
     problems = [msg for bad, msg in [
         (cfg.max_steps < 1, "max_steps must be >= 1"), (cfg.stop_at < 0, "stop_at must be >= 0"),
         (cfg.batch_size < 2, "batch_size must be >= 2 (negatives come from the batch)"),
-        (cfg.temperature <= 0, "temperature must be > 0"), (cfg.views_per_photo < 0, "views_per_photo must be >= 0"),
+        (cfg.temperature <= 0, "temperature must be > 0"), (cfg.memory_size < 0, "memory_size must be >= 0"),
+        (cfg.views_per_photo < 0, "views_per_photo must be >= 0"),
         (not 0 <= cfg.intensity_start <= cfg.intensity_end <= 1, "need 0 <= intensity_start <= intensity_end <= 1"),
         (not 0 <= cfg.hard_fraction <= 1, "hard_fraction must be in [0, 1]"),
         (cfg.group_size < 1, "group_size must be >= 1"), (not 0 <= cfg.jitter < 0.9, "jitter must be in [0, 0.9)"),
@@ -203,9 +188,12 @@ def _check_photos(ckpt: dict | None, cache: ViewCache, out: Path) -> None:
                                                        f"now {cache.manifest_hash}"])
 
 
-def _restore(ckpt: dict, module: TrainModule, optimizer, scheduler) -> tuple[int, int, np.ndarray]:
-    """Load weights, temperature, optimiser, schedule and torch RNG -> (step, step mined at, look-alike table)."""
+def _restore(ckpt: dict, module: TrainModule, optimizer, scheduler,
+             memory: CrossBatchMemory) -> tuple[int, int, np.ndarray]:
+    """Load weights, temperature, optimiser, schedule, memory and torch RNG -> (step, step mined at, look-alikes)."""
     extra = ckpt["extra"]
+    if "memory" in extra:
+        memory.load_state_dict(extra["memory"])
     module.descriptor.load_state_dict(ckpt["model_state"])
     module.log_temperature.data.copy_(extra["log_temperature"])
     optimizer.load_state_dict(extra["optimizer"])
@@ -221,15 +209,19 @@ def _start(cfg: TrainDescriptorConfig, acc, cache: ViewCache, ckpt: dict | None)
                          cfg.learn_temperature)
     optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr)
     # Not given to accelerator.prepare: its wrapper steps the schedule once per process per step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
-    step, mined_at = 0, -1
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: training.warmup_cosine(s, cfg.warmup_steps, cfg.max_steps))
+    step, mined_at, memory = 0, -1, CrossBatchMemory(cfg.memory_size, cfg.embed_dim)
     if ckpt is not None:
-        step, mined_at, table = _restore(ckpt, module, optimizer, scheduler)
+        step, mined_at, table = _restore(ckpt, module, optimizer, scheduler, memory)
         acc.print(f"resuming {Path(cfg.output_dir) / 'checkpoint.pt'} at step {step}")
+    elif cfg.init_from:
+        training.init_from(module.descriptor, cfg.init_from, KIND, asdict(cfg.model_config()))
+        # look-alikes under the starting model, not colour thumbnails: it already knows better
+        table, mined_at = mine_neighbours(module.descriptor, cache, cfg), 0
     else:
         table = knn(thumbnail_vectors(cache), cfg.neighbours)
     model, optimizer = acc.prepare(module, optimizer)
-    return _Run(cfg, acc, model, optimizer, scheduler, cache, table, mined_at, step)
+    return _Run(cfg, acc, model, optimizer, scheduler, cache, table, mined_at, step, memory)
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -248,6 +240,7 @@ class _Run:
     table: np.ndarray
     mined_at: int
     step: int
+    memory: CrossBatchMemory  # recent embeddings as extra negatives (size 0: off); per process
     last: dict[str, Any] = field(default_factory=dict)  # the last logged metrics
 
     @property
@@ -279,7 +272,12 @@ class _Run:
         self.model.train()
         with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             z, temperature = self.model(x.to(acc.device))
-        loss, accuracy = info_nce(z, temperature)
+        photos = None
+        if self.memory.size:
+            photos = torch.as_tensor(step_photos(len(self.cache.ids), self.table, cfg, self.step, acc.process_index))
+        loss, accuracy = info_nce(z, temperature, photos, self.memory)
+        if photos is not None:
+            self.memory.push(z, photos)
         self.optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         if cfg.grad_clip > 0:
@@ -318,7 +316,7 @@ class _Run:
                      "rng": training.rng_states(("torch",)), "neighbours": torch.from_numpy(self.table),
                      "mined_at": self.mined_at, "manifest_hash": self.cache.manifest_hash,
                      "cache_key": self.cache.folder.name, "log_temperature": unwrapped.log_temperature.detach().clone(),
-                     "n_photos": len(self.cache.ids)}
+                     "n_photos": len(self.cache.ids), "memory": self.memory.state_dict()}
             save_checkpoint(self.out / "checkpoint.pt", kind=KIND, model_args=asdict(self.cfg.model_config()),
                             model_state=unwrapped.descriptor.state_dict(), config=to_dict(self.cfg), step=self.step,
                             extra=extra)

@@ -21,7 +21,6 @@ higher = more likely a copy). Two additions to the plain ViT, both inside its pa
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +29,8 @@ import timm
 import torch
 from PIL import Image
 from torch import nn
+
+from pair_vit.training import warmup_cosine
 
 KIND = "pair_vit"
 DEFAULT_MEAN = (0.5, 0.5, 0.5)  # timm's augreg ViTs are trained with mean = std = 0.5
@@ -162,14 +163,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup: int
         (no_decay if skip else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
+    return optimizer, schedule
 
 
 # ----------------------------------------------------------------------------- inputs

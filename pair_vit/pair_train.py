@@ -48,7 +48,7 @@ METRIC_COLUMNS = ("step", "loss", "lr", "intensity_cap", "pairs_per_s", "data_wa
 RESUME_KEYS = ("backbone", "input_size", "stem", "half_marker", "backbone_kwargs", "progressive_min_height",
                "split", "split_seed", "dev_fraction", "heldout_fraction", "descriptor_checkpoint", "neighbours",
                "group_size", "groups_per_step", "random_fraction", "max_edits", "n_donors", "load_side",
-               "intensity_start", "intensity_end", "ramp_fraction", "seed")
+               "intensity_start", "intensity_end", "ramp_fraction", "seed", "init_from")
 
 
 @dataclass
@@ -71,6 +71,8 @@ class TrainPairsConfig:
     half_marker: bool = opt(True, "learned embedding telling reference tokens from query tokens")
     backbone_kwargs: dict = opt({}, "extra timm arguments as YAML, e.g. '{depth: 2, embed_dim: 64, num_heads: 2}'")
     pretrained: str = opt("", "initialise the backbone: a local weights file, a hub id or 'default' (needs a hub)")
+    init_from: str = opt("", "start from this pair-ViT checkpoint's weights with a fresh schedule (fine-tuning; "
+                             "same model settings)")
     group_size: int = opt(4, "photos per group: G positives and G*(G-1) hard negatives")
     groups_per_step: int = opt(8, "groups per optimisation step over all processes (G*G pairs each)")
     random_fraction: float = opt(0.25, "chance a group member is a random photo instead of a look-alike")
@@ -348,6 +350,8 @@ def run(cfg: TrainPairsConfig) -> dict[str, Any]:
         check_resumable(ckpt, cfg, model.model_args, manifest, ckpt_path)
         start = restore(ckpt, model, optimizer, scheduler, accelerator)
     else:
+        if cfg.init_from:
+            training.init_from(model, cfg.init_from, KIND, model.model_args)
         torch.manual_seed(cfg.seed * 1000 + accelerator.process_index + 1)
     # The scheduler is not prepared: accelerate's wrapper would step it once per process per step.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -385,7 +389,8 @@ def finish(trainer: Trainer, start: int, step: int, seconds: float, resumed: boo
             log.warning("%s; listed in %s", report.summary(), out / "skipped.csv")
         held = (f"held-out AUC {m['auc']:.4f} AP {m['ap']:.4f} accuracy {m['accuracy']:.4f} rank-1 {m['rank1']:.4f}"
                 if m else "no held-out evaluation")
-        origin = f"resumed from step {start}" if resumed else "from scratch"
+        origin = (f"resumed from step {start}" if resumed else
+                  f"fine-tuned from {cfg.init_from}" if cfg.init_from else "from scratch")
         world = acc.num_processes
         print(f"train_pairs: step {step} ({origin}), {summary['pairs_per_s']:.1f} training pairs/s ({world} "
               f"process{'es' if world > 1 else ''}), {held}, {len(report)} images skipped -> {out / 'pair_vit.pt'}",

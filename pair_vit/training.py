@@ -7,6 +7,7 @@
     refuse_resume(path, config_diffs(ckpt, cfg, RESUME_KEYS) + other_differences)
     extra["rng"] = rng_states()     ...     set_rng_states(extra["rng"])
     append_metrics(out / "metrics.csv", row, columns)
+    LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))   # the LR schedule both use
 
 Checkpoints hold RNG states as tensors and plain values only (they load with `weights_only=True`).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import random
 from datetime import timedelta
@@ -107,6 +109,27 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
         np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
     if "python" in states:
         random.setstate(_as_tuples(states["python"]))
+
+
+def init_from(model: torch.nn.Module, path: str | os.PathLike, kind: str, model_args: Mapping[str, Any]) -> None:
+    """Fine-tuning: load the weights of checkpoint `path` (of `kind`) into `model`, refusing another
+    architecture (any difference in `model_args`, ignoring the `pretrained` initialisation) with its names."""
+    saved = load_checkpoint(path, kind=kind)
+    keys = sorted((set(saved["model_args"]) | set(model_args)) - {"pretrained"})
+    diffs = [f"{k}: saved {saved['model_args'].get(k)!r}, now {model_args.get(k)!r}" for k in keys
+             if _as_tuples(saved["model_args"].get(k)) != _as_tuples(model_args.get(k))]
+    if diffs:
+        raise ValueError(f"cannot initialise from {path}: another architecture: {'; '.join(diffs)}")
+    model.load_state_dict(saved["model_state"])
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.01) -> float:
+    """LR factor after `step` steps: linear warm-up towards 1 over `warmup` steps, then a cosine down to
+    `min_ratio` at step `total` (and flat after it)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _as_tuples(value: Any) -> Any:

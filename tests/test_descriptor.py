@@ -161,24 +161,6 @@ def test_load_descriptor_round_trip(tmp_path, images):
         D.load_descriptor(other)
 
 
-# ----------------------------------------------------------------------------- training pieces
-
-
-def test_info_nce():
-    z = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
-    loss, acc = T.info_nce(torch.cat([z, z]), torch.tensor(0.05))
-    assert acc == 1.0 and loss < 0.5
-    loss_random, _ = T.info_nce(torch.nn.functional.normalize(torch.randn(16, 16), dim=1), torch.tensor(0.05))
-    assert loss_random > loss
-
-
-def test_lr_schedule():
-    """Batches, the cache and the curriculum are tested in test_descriptor_data.py."""
-    cfg = T.TrainDescriptorConfig(max_steps=100, warmup_steps=10)
-    assert T.lr_factor(cfg, 0) < T.lr_factor(cfg, 9) < 1.0
-    assert T.lr_factor(cfg, 10) == pytest.approx(1.0) and T.lr_factor(cfg, 100) == pytest.approx(0.01)
-
-
 # ----------------------------------------------------------------------------- training runs
 
 
@@ -223,6 +205,22 @@ def test_resume_continues_exactly(photos, tmp_path):
     assert a["step"] == b["step"] == 4
     for key, value in a["model_state"].items():
         assert torch.allclose(value.float(), b["model_state"][key].float(), atol=1e-6), key
+
+
+def test_fine_tune_with_memory_resumes_exactly(photos, tmp_path):
+    cache = tmp_path / "cache"
+    T.train(tiny_config(photos, tmp_path / "base", cache_dir=str(cache)))
+    init = str(tmp_path / "base" / "descriptor.pt")
+    straight = tiny_config(photos, tmp_path / "a", max_steps=4, cache_dir=str(cache), init_from=init, memory_size=12)
+    T.train(straight)
+    T.train(replace(straight, output_dir=str(tmp_path / "b"), stop_at=2))
+    T.train(replace(straight, output_dir=str(tmp_path / "b"), resume=True))
+    a, b = (load_checkpoint(tmp_path / x / "checkpoint.pt") for x in "ab")
+    assert len(a["extra"]["memory"]["photos"]) == 12 and (a["extra"]["memory"]["photos"] >= 0).all()
+    for key, value in a["model_state"].items():  # the memory is saved too, so the split run matches
+        assert torch.allclose(value.float(), b["model_state"][key].float(), atol=1e-6), key
+    with pytest.raises(ValueError, match="another architecture.*embed_dim"):
+        T.train(tiny_config(photos, tmp_path / "c", cache_dir=str(cache), init_from=init, embed_dim=16))
 
 
 def test_on_the_fly_edits_with_a_worker(photos, tmp_path):

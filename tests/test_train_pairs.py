@@ -64,6 +64,22 @@ def test_train_then_resume(photos, tmp_path):
     assert fresh.returncode == 2 and "--resume" in fresh.stderr
 
 
+def test_fine_tune_from_a_checkpoint(photos, tmp_path):
+    base = train("--train-dir", photos, "--output-dir", tmp_path / "base", "--max-steps", 1)
+    assert base.returncode == 0, base.stderr
+    start = load_checkpoint(tmp_path / "base" / "pair_vit.pt")["model_state"]
+    tuned = train("--train-dir", photos, "--output-dir", tmp_path / "ft", "--max-steps", 1, "--lr", 0,
+                  "--init-from", tmp_path / "base" / "pair_vit.pt")
+    assert tuned.returncode == 0, tuned.stderr
+    assert "fine-tuned from" in summary_lines(tuned)[0]
+    after = load_checkpoint(tmp_path / "ft" / "pair_vit.pt")["model_state"]
+    learned = [k for k in start if "running_" not in k and "num_batches" not in k]  # BN statistics still move
+    assert learned and all(torch.equal(start[k], after[k]) for k in learned)  # lr 0: the weights it started from
+    other = train("--train-dir", photos, "--output-dir", tmp_path / "x", "--max-steps", 1, "--stem", "patch",
+                  "--init-from", tmp_path / "base" / "pair_vit.pt")
+    assert other.returncode == 2 and "another architecture" in other.stderr and "stem" in other.stderr
+
+
 def test_too_few_photos(tmp_path, photos):
     folder = tmp_path / "one"
     folder.mkdir()

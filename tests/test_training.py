@@ -92,3 +92,11 @@ def test_accelerator_and_broadcast_in_one_process():
     assert acc.is_main_process and acc.num_processes == 1
     assert training.broadcast(acc, {"a": 1}) == {"a": 1}
     assert training.broadcast(SimpleNamespace(num_processes=1), None) is None
+
+
+def test_warmup_cosine_schedule():
+    assert training.warmup_cosine(0, 10, 100) < training.warmup_cosine(9, 10, 100) < 1.0
+    assert training.warmup_cosine(10, 10, 100) == pytest.approx(1.0)
+    assert training.warmup_cosine(55, 10, 100) == pytest.approx(0.01 + 0.99 * 0.5)  # half-way down the cosine
+    assert training.warmup_cosine(100, 10, 100) == pytest.approx(0.01)
+    assert training.warmup_cosine(500, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
