@@ -204,32 +204,41 @@ def _rank(rows: pd.DataFrame, reference: str) -> float:
 
 
 def smoke_ranks(cfg: CompareConfig) -> pd.DataFrame:
-    """Rank of each real copy's true reference among `smoke_max` distractors: descriptor and reranked."""
+    """Rank of each real copy's true reference among `smoke_max` distractors (and the other pairs'
+    references): descriptor and reranked. One rerank run for all pairs, so distractors are embedded once."""
     import tempfile
 
     from pair_vit import rerank
 
     distractors = data.split_images(data.list_images(cfg.smoke_distractors), "dev") if cfg.smoke_distractors else {}
     distractors = {i: distractors[i] for i in sorted(distractors)[: cfg.smoke_max]}
-    rows = []
-    for folder in sorted(p for p in Path(cfg.smoke).iterdir() if p.is_dir()):
-        query, reference = smoke_pair(folder)
-        with tempfile.TemporaryDirectory() as tmp:
-            qdir, rdir = Path(tmp, "queries"), Path(tmp, "references")
-            qdir.mkdir()
-            rdir.mkdir()
-            (qdir / query.name).symlink_to(query.resolve())
-            for p in [reference, *distractors.values()]:
-                (rdir / p.name).symlink_to(Path(p).resolve())
-            found = rerank.match(rerank.RerankConfig(
-                queries=str(qdir), references=str(rdir), output=str(Path(tmp, "s.csv")), k=cfg.rerank_k,
-                checkpoint=cfg.pair_checkpoint, descriptor_checkpoint=cfg.descriptor_checkpoint,
-                pair_views=list(cfg.pair_views), views=cfg.shortlist_views, progress=False))
-        sub = found.submission()
-        rows.append({"pair": folder.name, "references": len(distractors) + 1,
-                     "descriptor rank": _rank(found.rows, reference.stem), "reranked rank": _rank(sub, reference.stem),
-                     "reranked score": float(sub.set_index("reference_id").score.get(reference.stem, float("nan")))})
+    pairs = {folder.name: smoke_pair(folder) for folder in sorted(p for p in Path(cfg.smoke).iterdir() if p.is_dir())}
+    references = [*(r for _, r in pairs.values()), *distractors.values()]
+    with tempfile.TemporaryDirectory() as tmp:
+        qdir, rdir = _link_folder(Path(tmp, "queries"), [q for q, _ in pairs.values()]), _link_folder(
+            Path(tmp, "references"), references)
+        found = rerank.match(rerank.RerankConfig(
+            queries=str(qdir), references=str(rdir), output=str(Path(tmp, "s.csv")), k=cfg.rerank_k,
+            checkpoint=cfg.pair_checkpoint, descriptor_checkpoint=cfg.descriptor_checkpoint,
+            pair_views=list(cfg.pair_views), views=cfg.shortlist_views, progress=False))
+    sub, rows = found.submission(), []
+    for name, (query, reference) in pairs.items():
+        mine, shortlisted = sub[sub.query_id == query.stem], found.rows[found.rows.query_id == query.stem]
+        rows.append({"pair": name, "references": len(references),
+                     "descriptor rank": _rank(shortlisted, reference.stem), "reranked rank": _rank(mine, reference.stem),
+                     "reranked score": float(mine.set_index("reference_id").score.get(reference.stem, float("nan")))})
     return pd.DataFrame(rows)
+
+
+def _link_folder(folder: Path, paths: list[Path]) -> Path:
+    """`folder` of symlinks to `paths`; two files with one image id are refused (ids come from file stems)."""
+    folder.mkdir()
+    for p in paths:
+        link = folder / Path(p).name
+        if any(other.stem == link.stem for other in folder.iterdir()):
+            raise ValueError(f"smoke benchmark: two images share the id {link.stem!r} ({p})")
+        link.symlink_to(Path(p).resolve())
+    return folder
 
 
 def model_throughput(cfg: CompareConfig, n: int = 512) -> dict:

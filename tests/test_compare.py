@@ -106,3 +106,8 @@ def test_smoke_ranks_real_pairs_among_distractors(checkpoint, pair_checkpoint, t
     assert list(table.pair) == ["a", "b"]
     assert (table["descriptor rank"] == 1).all()  # exact copies: the descriptor puts them first
     assert table["reranked rank"].between(1, 5).all() and table["reranked score"].between(0, 1).all()
+    assert (table.references == 6 + 2).all()  # the distractors and both pairs' references, embedded once
+    shutil.copy(photos[2], smoke / "b" / "R1.jpg")  # folder b now holds a second image with id R1
+    (smoke / "b" / "ground_truth.csv").write_text("query_id,reference_id\nx_modified,R1\n")
+    with pytest.raises(ValueError, match="share the id 'R1'"):
+        compare.smoke_ranks(cfg)
