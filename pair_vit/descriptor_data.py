@@ -4,7 +4,7 @@ of every step, and the look-alike tables hard negatives are drawn from.
     cache, report = prepare_data(cfg, acc, out)          # the training photos' cache, built if missing:
     folder = build_cache(items, cfg, root, progress)     #   once per photo set and settings, reused afterwards
     cache = open_cache(folder)                           #   memory-mapped clean photos and edited views
-    table = knn(thumbnail_vectors(cache), cfg.neighbours)   # look-alikes at first, then `mine_neighbours`
+    table = nearest_neighbours(thumbnail_vectors(cache), cfg.neighbours)   # look-alikes at first, then `mine_neighbours`
     batches = StepBatches(cache, table, cfg, first, stop, rank)   # item j: the (2B, 3, S, S) views of step first+j
 
 The batch of a step is a function of (seed, step, process rank) and of the look-alike table only.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import shutil
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from pair_vit import data, training
 from pair_vit.descriptor import Descriptor, normalize_uint8, to_uint8_square
+from pair_vit.index import nearest_neighbours
 
 if TYPE_CHECKING:
     from pair_vit.descriptor_train import TrainDescriptorConfig
@@ -233,19 +233,6 @@ def prepare_data(cfg: TrainDescriptorConfig, acc, out: Path) -> tuple[ViewCache,
 # ----------------------------------------------------------------------------- batches
 
 
-def knn(vectors: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """(N, k) indices of each row's nearest other rows by dot product (vectors unit-norm)."""
-    x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    n = len(x)
-    k = max(1, min(k, n - 1))
-    out = []
-    for start in range(0, n, chunk):
-        sim = x[start:start + chunk] @ x.T
-        sim[torch.arange(len(sim)), torch.arange(start, start + len(sim))] = -math.inf
-        out.append(sim.topk(k, dim=1).indices)
-    return torch.cat(out).numpy().astype(np.int64)
-
-
 def thumbnail_vectors(cache: ViewCache, side: int = 8) -> np.ndarray:
     """Cheap look-alike vectors: a side x side colour thumbnail of each clean photo, centred and unit-norm."""
     out = []
@@ -372,4 +359,4 @@ def mine_neighbours(descriptor: Descriptor, cache: ViewCache, cfg: TrainDescript
         clean = torch.from_numpy(np.stack([cache.clean[i] for i in rows])).permute(0, 3, 1, 2).float()
         x = F.interpolate(clean, size=(cfg.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
         chunks.append(embed(descriptor, normalize_uint8(x.clamp_(0, 255)), batch_size=64, amp=cfg.amp))
-    return knn(np.concatenate(chunks), cfg.neighbours)
+    return nearest_neighbours(np.concatenate(chunks), cfg.neighbours)

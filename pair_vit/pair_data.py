@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pair_vit import data
+from pair_vit.index import nearest_neighbours
 from pair_vit.pair_model import DEFAULT_MEAN, DEFAULT_STD, preprocess
 
 log = logging.getLogger(__name__)
@@ -155,26 +156,6 @@ def centre_normalise(vectors: np.ndarray) -> np.ndarray:
         return vectors.astype(np.float32)
     v = vectors - vectors.mean(0, keepdims=True)
     return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def nearest_neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
-    """(N, D) L2-normalised vectors -> (N, min(k, N-1)) int64: each row's most similar other rows, best first.
-
-    Exact, blockwise (O(N^2 D) time, ~256 MB of similarities at a time): fine up to ~10^5 photos.
-    """
-    n = len(vectors)
-    k, block = min(k, n - 1), max(1, 2**26 // max(n, 1))
-    out = np.zeros((n, max(k, 0)), np.int64)
-    if k <= 0:
-        return out
-    for start in range(0, n, block):
-        sims = vectors[start:start + block] @ vectors.T  # (b, N)
-        rows = np.arange(sims.shape[0])
-        sims[rows, start + rows] = -np.inf  # never one's own neighbour
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-        out[start:start + block] = np.take_along_axis(top, order, axis=1)
-    return out
 
 
 def check_enough(n_usable: int, group_size: int, where: str) -> None:

@@ -5,6 +5,7 @@ import torch
 
 from pair_vit import descriptor_data as DD
 from pair_vit.descriptor_train import TrainDescriptorConfig
+from pair_vit.index import nearest_neighbours
 
 
 def small_config(**kw) -> TrainDescriptorConfig:
@@ -31,15 +32,6 @@ def test_intensity_cap_ramps_then_stays():
     assert DD.intensity_cap(cfg, 50) == DD.intensity_cap(cfg, 100) == 1.0
 
 
-def test_knn_excludes_self_and_sorts():
-    x = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    table = DD.knn(x, 4, chunk=7)
-    assert table.shape == (20, 4) and table.dtype == np.int64 and not (table == np.arange(20)[:, None]).any()
-    assert (np.diff(np.take_along_axis(x @ x.T, table, axis=1), axis=1) <= 1e-6).all()
-    assert DD.knn(x[:3], 10).shape == (3, 2)
-
-
 def test_cache_build_open_and_reuse(train_photos, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -60,7 +52,7 @@ def test_cache_build_open_and_reuse(train_photos, tmp_path):
 def test_step_batches_depend_on_step_and_rank_only(train_photos, tmp_path):
     cfg = small_config()
     cache = DD.open_cache(DD.build_cache(items_of(train_photos), cfg, tmp_path / "cache", progress=False))
-    table = DD.knn(DD.thumbnail_vectors(cache), cfg.neighbours)
+    table = nearest_neighbours(DD.thumbnail_vectors(cache), cfg.neighbours)
     assert table.shape == (12, 3)
     first = DD.StepBatches(cache, table, cfg, first=0, stop=3, rank=0)
     later = DD.StepBatches(cache, table, cfg, first=1, stop=3, rank=0)

@@ -115,15 +115,6 @@ def test_too_few_photos_is_a_clear_error(photos):
         pdata.check_enough(1, 2, "folder")
 
 
-def test_nearest_neighbours_excludes_self_and_sorts():
-    vectors = pdata.centre_normalise(np.random.default_rng(0).normal(size=(30, 8)))
-    table = pdata.nearest_neighbours(vectors, 5)
-    assert table.shape == (30, 5) and not (table == np.arange(30)[:, None]).any()
-    sims = np.take_along_axis(vectors @ vectors.T, table, axis=1)
-    assert (np.diff(sims, axis=1) <= 1e-6).all()
-    assert pdata.nearest_neighbours(vectors[:1], 5).shape == (1, 0)
-
-
 def test_groups_use_look_alikes(photos):
     groups = groups_of(photos, random_fraction=0.0)
     table = groups.neighbours
