@@ -124,7 +124,8 @@ def _background(cfg: CompareConfig) -> dict[str, Path] | None:
 
 
 def descriptor_results(layout: data.DiscLayout, cfg: CompareConfig) -> list[Result]:
-    """Descriptor shortlist for each view setting, plain and (with --background) score-normalised."""
+    """Descriptor shortlist for each view setting: plain, with the shortlist margin, and (with --background)
+    score-normalised."""
     from pair_vit import index as ix
     from pair_vit.descriptor import load_descriptor
     from pair_vit.rerank import DEFAULT_CHECKPOINT
@@ -141,6 +142,9 @@ def descriptor_results(layout: data.DiscLayout, cfg: CompareConfig) -> list[Resu
         for name, background in [("", None)] + ([("+norm", bg)] if bg is not None else []):
             sub, s_sec = _timed(lambda: ix.search_views(index, q_ids, q_vec, owner, cfg.k, background))
             rows.append(("descriptor", views + name, sub, ref_sec + q_sec + s_sec))
+            if not name:  # the shortlist margin (`rerank.py --descriptor-only --margin`): free, no background
+                margin = sub.score + ix.similarity_margin(sub.query_id.to_numpy(), sub.score.to_numpy())
+                rows.append(("descriptor", views + "+margin", sub.assign(score=margin), ref_sec + q_sec + s_sec))
     return rows
 
 
@@ -177,8 +181,8 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
         sub = scored[["query_id", "reference_id"]].assign(score=Calibration().apply(logit, scored.score))
         rows.append(("rerank", name, sub, sec))
         if found.calibration is not None and found.calibration.fuses:
-            rows.append(("rerank", name + " +fused", sub.assign(score=found.calibration.apply(logit, scored.score)),
-                         sec))
+            stored = found.calibration.apply(logit, scored.score, scored.query_id.to_numpy())
+            rows.append(("rerank", name + " +fused", sub.assign(score=stored), sec))
         if labels.any() and not labels.all():
             fused = cross_fit(scored.query_id.to_numpy(), logit, scored.score.to_numpy(), labels)
             rows.append(("rerank", name + " +fused (cross-fit)", sub.assign(score=fused), sec))

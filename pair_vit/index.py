@@ -14,7 +14,6 @@ Embedding (`embed_folder`, bf16 autocast by default, multi-view queries) lives i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -28,7 +27,8 @@ import torch
 
 from pair_vit import data
 from pair_vit.io import atomic_path, write_text_atomic
-from pair_vit.multiview import plain_json, embed_folder, merge_views, model_args_of, model_image_size  # noqa: F401
+from pair_vit.multiview import (embed_folder, index_metadata, merge_views, model_args_of,  # noqa: F401
+                                model_fingerprint, model_image_size, plain_json)
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +39,6 @@ META_FILE = "meta.json"
 
 class IndexMismatchError(ValueError):
     """A saved reference index was built with another descriptor model, weights or dimension."""
-
-
-# ----------------------------------------------------------------------------- the descriptor model
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the descriptor's weights (parameter and buffer names, shapes, dtypes and values)."""
-    h = hashlib.blake2b(digest_size=12)
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def index_metadata(model: torch.nn.Module) -> dict[str, Any]:
-    """What a reference index records about the model that embedded it (see `ReferenceIndex.load`)."""
-    args = model_args_of(model)
-    return {"model_args": args, "fingerprint": model_fingerprint(model)}
 
 
 # ----------------------------------------------------------------------------- the faiss index
@@ -372,6 +353,18 @@ def nearest_neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
         out[start:start + block] = np.take_along_axis(top, order, axis=1)
     return out
+
+
+def similarity_margin(query_ids: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+    """(N,) pairs of whole shortlists -> (N,) float64: each pair's similarity minus the best similarity among
+    the other pairs of its query (0 for a query with a single pair)."""
+    sim = pd.Series(np.asarray(similarity, np.float64))
+    queries = pd.Series(np.asarray(query_ids))
+    groups = sim.groupby(queries, sort=False)
+    top = groups.transform("idxmax").to_numpy() == np.arange(len(sim))  # one top pair per query
+    runner_up = sim.where(~top, -np.inf).groupby(queries, sort=False).transform("max")
+    other = np.where(top, runner_up, groups.transform("max"))  # the top pair is compared with the runner-up
+    return np.where(np.isfinite(other), sim - other, 0.0)
 
 
 def recall_at_k(submission: pd.DataFrame, ground_truth: pd.DataFrame,

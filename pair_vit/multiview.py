@@ -34,6 +34,7 @@ these rank changes are a worst case. `amp=False` (`--no-amp`) gives float32.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -134,6 +135,22 @@ def model_args_of(model: torch.nn.Module) -> dict[str, Any]:
 
 def model_image_size(model: torch.nn.Module) -> int:
     return int(model_args_of(model)["image_size"])
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the descriptor's weights (parameter and buffer names, shapes, dtypes and values)."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def index_metadata(model: torch.nn.Module) -> dict[str, Any]:
+    """What a reference index records about the model that embedded it (see `ReferenceIndex.load`)."""
+    args = model_args_of(model)
+    return {"model_args": args, "fingerprint": model_fingerprint(model)}
 
 
 def plain_json(value: Any) -> Any:

@@ -88,6 +88,8 @@ class RerankConfig:
                               "to its n nearest background photos")
     background_n: int = opt(1, "score normalisation: number of nearest background photos averaged")
     background_beta: float = opt(1.0, "score normalisation: weight of the background term")
+    margin: bool = opt(False, "--descriptor-only scores: similarity plus its margin over the query's best other "
+                              "shortlisted reference (index.similarity_margin; comparable across queries)")
     overwrite: bool = opt(False, "replace an existing output file")
     progress: bool = opt(True, "progress bars")
 
@@ -102,12 +104,16 @@ class Matches:
     report: data.SkipReport
     calibration: Calibration | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    margin: bool = False  # descriptor-only: add `similarity_margin` to the similarity
 
     def submission(self) -> pd.DataFrame:
         """query_id, reference_id, score: calibrated pair score, or the similarity for a shortlist."""
         sub = self.rows[["query_id", "reference_id", "score"]].copy()
         if self.calibration is not None and "logit" in self.rows:
-            sub["score"] = self.calibration.apply(self.rows.logit.to_numpy(), self.rows.score.to_numpy())
+            sub["score"] = self.calibration.apply(self.rows.logit.to_numpy(), self.rows.score.to_numpy(),
+                                                  self.rows.query_id.to_numpy())
+        elif self.margin:
+            sub["score"] = sub.score + ix.similarity_margin(sub.query_id.to_numpy(), sub.score.to_numpy())
         return sub
 
 
@@ -332,7 +338,7 @@ def match(cfg: RerankConfig, load_model: Callable[[Path], Any] | None = None,
     model = load_model(checkpoint).to(procs.device).eval()
     rows = shortlist_stage(procs, model, queries, references, report, cfg, stats)
     if pair is None:
-        return Matches(rows, report, None, stats)
+        return Matches(rows, report, None, stats, margin=cfg.margin)
     rows = pair_stage(procs, pair[0].to(procs.device), rows, queries, references, report, cfg, stats)
     return Matches(rows, report, pair[2], stats)
 

@@ -40,6 +40,26 @@ def test_fit_learns_positive_weights_and_fusion_helps():
     assert "400 pairs" in fused.fitted_on
 
 
+def test_margin_is_learned_and_needs_query_ids():
+    from pair_vit.eval import micro_average_precision
+
+    rng = np.random.default_rng(1)
+    q = np.repeat([f"Q{i}" for i in range(100)], 5)
+    labels = np.zeros(500, bool)
+    labels[::10] = True  # every other query's first pair is its copy
+    base = np.repeat(rng.normal(0.5, 0.15, 100), 5)  # query-level offset: raw similarity misleads across queries
+    sim = base + rng.normal(0, 0.02, 500) + 0.1 * labels
+    logit = rng.normal(0, 1, 500)
+    with_margin, without = fit(logit, sim, labels, query_ids=q), fit(logit, sim, labels)
+    assert with_margin.w_margin > 0 and without.w_margin == 0.0 and with_margin.fuses
+    ap = lambda s: micro_average_precision(s, labels, int(labels.sum()))  # noqa: E731
+    assert ap(with_margin.apply(logit, sim, q)) > ap(without.apply(logit, sim)) + 0.1
+    with pytest.raises(ValueError, match="query ids"):
+        with_margin.apply(logit, sim)
+    assert Calibration.from_dict(with_margin.to_dict()) == with_margin
+    assert Calibration.from_dict({"w_logit": 1.0, "w_desc": 2.0, "bias": 0.0}).w_margin == 0.0  # older fits
+
+
 def test_fit_needs_both_labels():
     with pytest.raises(ValueError, match="both"):
         fit(np.zeros(3), np.zeros(3), np.zeros(3))

@@ -248,3 +248,10 @@ def test_nearest_neighbours_excludes_self_and_sorts():
     assert (np.diff(np.take_along_axis(x @ x.T, table, axis=1), axis=1) <= 1e-6).all()  # best first
     assert ix.nearest_neighbours(x[:3], 10).shape == (3, 2)  # k capped at the other rows
     assert ix.nearest_neighbours(x[:1], 5).shape == (1, 0)
+
+
+def test_similarity_margin_by_hand():
+    q = np.array(["a", "a", "a", "b", "c", "c"])
+    sim = np.array([0.9, 0.5, 0.7, 0.3, 0.6, 0.6])
+    # a: top 0.9 vs runner-up 0.7; the others vs the top. b: alone. c: a tie, nobody stands out
+    np.testing.assert_allclose(ix.similarity_margin(q, sim), [0.2, -0.4, -0.2, 0.0, 0.0, 0.0], atol=1e-12)

@@ -88,6 +88,17 @@ def test_descriptor_only_end_to_end_script(folders, checkpoint, tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+def test_descriptor_only_margin(folders, checkpoint, tmp_path):
+    from pair_vit.index import similarity_margin
+
+    queries, refs, _ = folders
+    plain = rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint))
+    margin = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, margin=True))
+    assert list(margin.reference_id) == list(plain.reference_id)  # same shortlist and order within a query
+    expected = plain.score + similarity_margin(plain.query_id.to_numpy(), plain.score.to_numpy())
+    np.testing.assert_allclose(margin.score, expected, atol=1e-6)
+
+
 def test_overwrite_refused_then_allowed(folders, checkpoint, tmp_path):
     queries, refs, _ = folders
     out = tmp_path / "sub.csv"
