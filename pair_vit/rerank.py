@@ -4,10 +4,11 @@ likely a copy).
 
     python scripts/rerank.py --queries Q/ --references R/ --output sub.csv [--k 20] [--pair-views full center]
     python scripts/rerank.py ... --descriptor-only            # stage 1 alone: score = descriptor similarity
+    python scripts/rerank.py ... --descriptor-only --margin   # + its margin over the query's other candidates
 
 Reranked scores are calibrated probabilities, comparable across queries (`pair_vit.calibration`): with the
 shipped weights, the fit stored in the pair-ViT checkpoint (it fuses the pair logit with the descriptor
-similarity); the model card gives the score threshold with precision 90 on the dev benchmark.
+similarity and its margin); the model card gives the score threshold with precision 90 on the dev benchmark.
 
 Resuming: intermediate results live in a work folder (default OUTPUT.work/): the reference index (unless
 `--index DIR` names a shared one; an index built with another descriptor is refused), the shortlist, and
