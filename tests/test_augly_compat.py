@@ -72,3 +72,18 @@ def test_perspective_transform_works(photo):
     assert diff > 5
     again = imaugs.perspective_transform(photo, sigma=25.0, seed=3)
     assert np.array_equal(np.asarray(out), np.asarray(again))
+
+
+def test_overlay_text_survives_strings_raqm_cannot_shape():
+    """These glyphs make raqm fail ("raqm_layout() failed"); the edit falls back to the basic layout."""
+    from pair_vit.edits import overlays
+
+    p = {"text": [[7286, 8156, 3570, 5994, 2635, 6219, 1198, 5578, 3053],
+                  [4235, 9948, 8076, 6921, 6097, 5901, 3034, 8001, 3419],
+                  [6439, 6710, 4640, 4172, 5163, 168, 484, 1536, 7436]],
+         "font": "PlayfairDisplay-Bold", "size": 0.2145, "color": [0, 0, 0], "opacity": 0.8816, "x": 0.1867,
+         "y": 0.0987}
+    image = Image.new("RGB", (160, 120), (90, 120, 150))
+    out = overlays.apply_overlay_text(image, p)
+    assert out.size == image.size and np.abs(np.asarray(out, float) - np.asarray(image, float)).max() > 50
+    assert not augly_compat._basic_layout  # the fallback is scoped to the one call

@@ -25,6 +25,7 @@ What :func:`apply` patches, narrowly (no global Pillow/numpy object is modified)
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import numpy as np
@@ -62,8 +63,25 @@ class LegacyFreeTypeFont(ImageFont.FreeTypeFont):
         return right, bottom
 
 
+_basic_layout = False  # set by `basic_text_layout`
+
+
+@contextlib.contextmanager
+def basic_text_layout():
+    """Within: fonts AugLy opens use Pillow's basic text layout instead of raqm, whose shaping fails
+    ("raqm_layout() failed") on about 1% of the random glyph strings `overlay_text` draws."""
+    global _basic_layout
+    before, _basic_layout = _basic_layout, True
+    try:
+        yield
+    finally:
+        _basic_layout = before
+
+
 def _legacy_truetype(font=None, size=10, index=0, encoding="", layout_engine=None):
     """``ImageFont.truetype`` returning a :class:`LegacyFreeTypeFont`."""
+    if _basic_layout:
+        layout_engine = ImageFont.Layout.BASIC
     return LegacyFreeTypeFont(font, size, index, encoding, layout_engine)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from augly.utils import EMOJI_DIR, FONTS_DIR, SCREENSHOT_TEMPLATES_DIR
 from PIL import Image, ImageOps
 
+from . import augly_compat
 from .base import OVERLAY, Family, choice, color, span
 
 # Fonts (AugLy assets) with a character table (.pkl) that render readable glyphs; a few non-Latin
@@ -71,8 +72,15 @@ def apply_overlay_text(image: Image.Image, p: dict) -> Image.Image:
     # AugLy's font size is int(size * short side); keep it >= 1 px on tiny images.
     size = max(p["size"], 1.0 / min(image.size))
     image = image.convert("RGB")
-    texted = imaugs.overlay_text(image, text=p["text"], font_file=_font(p["font"]), font_size=size,
-                                 color=tuple(p["color"]), x_pos=p["x"], y_pos=p["y"])
+    draw = functools.partial(imaugs.overlay_text, image, text=p["text"], font_file=_font(p["font"]),
+                             font_size=size, color=tuple(p["color"]), x_pos=p["x"], y_pos=p["y"])
+    try:
+        texted = draw()
+    except RuntimeError as err:  # raqm cannot shape some glyph strings; the basic layout always draws them
+        if "raqm" not in str(err):
+            raise
+        with augly_compat.basic_text_layout():
+            texted = draw()
     # AugLy draws the text alpha into an RGBA copy and then drops alpha, so its `opacity` argument
     # has no effect on RGB images; blending with the original gives the intended translucency.
     return Image.blend(image, texted, p["opacity"])
