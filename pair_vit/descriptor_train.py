@@ -50,7 +50,7 @@ from pair_vit import data, training
 from pair_vit.checkpoint import save_checkpoint, state_dict_to
 from pair_vit.config import opt, save_config, to_dict
 from pair_vit.descriptor import KIND, Descriptor, DescriptorModelConfig
-from pair_vit.descriptor_loss import CrossBatchMemory, info_nce
+from pair_vit.descriptor_loss import CrossBatchMemory, freeze_batch_norm, info_nce
 from pair_vit.index import nearest_neighbours
 from pair_vit.descriptor_data import (StepBatches, ViewCache, intensity_cap, mine_neighbours, prepare_data,
                                       step_photos, thumbnail_vectors)
@@ -141,16 +141,6 @@ class TrainModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.descriptor(x), self.log_temperature.exp().clamp(min=0.01, max=1.0)
-
-
-def freeze_batch_norm(model: nn.Module) -> None:
-    """Batch-norm layers to eval mode (running statistics, still-trained affine weights), with a memory. Why:
-    with batch statistics the batch's embeddings can share a batch signature that sets them apart from the
-    memory's (positives are always in the batch, memory entries never) - the likely cause of what we measured
-    with batch-norm training, lr 5e-4: dev recall@20 fell from 0.864 to 0.740 in 250 fine-tuning steps."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

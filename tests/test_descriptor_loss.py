@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pair_vit.descriptor_loss import CrossBatchMemory, info_nce
+from pair_vit.descriptor_loss import CrossBatchMemory, freeze_batch_norm, info_nce
 
 
 def test_info_nce_perfect_and_random():
@@ -54,3 +54,12 @@ def test_memory_ring_and_state():
     with pytest.raises(ValueError, match="shape"):
         CrossBatchMemory(size=5, dim=2).load_state_dict(memory.state_dict())
     CrossBatchMemory(size=0, dim=2).push(torch.ones(2, 2), torch.tensor([1]))  # size 0: off, no error
+
+
+def test_freeze_batch_norm_keeps_running_statistics():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    model.train()
+    freeze_batch_norm(model)
+    before = model[1].running_mean.clone()
+    model(torch.randn(2, 3, 8, 8) + 5)
+    assert torch.equal(model[1].running_mean, before) and model.training and not model[1].training
