@@ -13,6 +13,10 @@ higher = more likely a copy). Two additions to the plain ViT, both inside its pa
 * `stem="conv"` (default) replaces the 16x16 patch projection by four 3x3 stride-2 conv-BN-ReLU layers and a
   1x1 projection (Xiao et al. 2021, "Early convolutions help transformers see better"); it yields the same
   token grid (H/16 x W/16), so the transformer is unchanged. `stem="patch"` keeps the patch projection.
+* `stem="cnn"` uses a timm CNN (`stem_backbone`, default resnet10t, the stage-1 descriptor's backbone) cut at
+  stride 16, plus a 1x1 projection: the same token grid again. `init_stem_from` copies a trained
+  descriptor's backbone into it, so the transformer starts from copy-invariant local features instead of
+  pixels (the ViT itself still has no pretrained weights; there are none offline here).
 * `half_marker=True` adds a learned embedding to every token: one vector for the reference half, another for
   the query half, so the model always knows which side is which (also after position-embedding resampling).
 
@@ -35,7 +39,7 @@ from pair_vit.training import warmup_cosine
 KIND = "pair_vit"
 DEFAULT_MEAN = (0.5, 0.5, 0.5)  # timm's augreg ViTs are trained with mean = std = 0.5
 DEFAULT_STD = (0.5, 0.5, 0.5)
-STEMS = ("conv", "patch")
+STEMS = ("conv", "patch", "cnn")
 # The released pair ViT (trained by `scripts/train_pairs.py --config pair_vit/configs/pairs.yaml`).
 SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "pair_vit.pt"
 
@@ -43,12 +47,13 @@ SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "pair_vit.pt"
 def default_model_args(**overrides: Any) -> dict[str, Any]:
     """The architecture arguments `build_pair_model` takes, with defaults; keyword arguments override them.
 
-    backbone: timm model name; input_size: [H, W] of the pair image (each half is H x W/2); stem: "conv" or
-    "patch"; half_marker: learned reference/query embedding; dynamic_size: accept other input sizes
+    backbone: timm model name; input_size: [H, W] of the pair image (each half is H x W/2); stem: "conv",
+    "patch" or "cnn"; stem_backbone: the timm CNN of a "cnn" stem; half_marker: learned reference/query embedding; dynamic_size: accept other input sizes
     (progressive resolution; position embeddings resampled on the fly); backbone_kwargs: extra timm
     arguments (depth, embed_dim, num_heads, drop_path_rate, ...); mean/std: input normalisation.
     """
-    args = {"backbone": "vit_tiny_patch16_224", "input_size": [112, 224], "stem": "conv", "half_marker": True,
+    args = {"backbone": "vit_tiny_patch16_224", "input_size": [112, 224], "stem": "conv",
+            "stem_backbone": "resnet10t", "half_marker": True,
             "dynamic_size": False, "backbone_kwargs": {}, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
     unknown = set(overrides) - set(args)
     if unknown:
@@ -96,6 +101,30 @@ def conv_stem(in_chans: int, dim: int, patch: int = 16) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class CNNStem(nn.Module):
+    """A timm CNN truncated at its stride-`patch` stage, then a 1x1 projection to `dim`.
+
+    (B, 3, H, W) -> (B, dim, H/patch, W/patch). The trunk keeps timm's module names, so the weights of a
+    full model of the same backbone (e.g. the stage-1 descriptor's) load into it by name.
+    """
+
+    def __init__(self, backbone: str, dim: int, patch: int = 16):
+        super().__init__()
+        probe = timm.create_model(backbone, pretrained=False, features_only=True)
+        stages = [i for i, r in enumerate(probe.feature_info.reduction()) if r == patch]
+        if not stages:
+            raise ValueError(f"stem backbone {backbone!r} has no stride-{patch} stage "
+                             f"(strides {probe.feature_info.reduction()})")
+        self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(stages[-1],))
+        self.proj = nn.Conv2d(self.trunk.feature_info.channels()[-1], dim, 1)
+        # channels_last: much faster convolutions on CPU under bf16 autocast (see pair_vit.descriptor)
+        self.trunk.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.trunk(x.contiguous(memory_format=torch.channels_last))[-1]
+        return self.proj(features).contiguous()
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -115,7 +144,9 @@ class PairViT(nn.Module):
         self.vit = _create_backbone(args, pretrained)
         embed = self.vit.patch_embed
         dim = embed.proj.out_channels
-        proj = conv_stem(embed.proj.in_channels, dim, embed.patch_size[0]) if args["stem"] == "conv" else embed.proj
+        proj = {"conv": lambda: conv_stem(embed.proj.in_channels, dim, embed.patch_size[0]),
+                "cnn": lambda: CNNStem(args["stem_backbone"], dim, embed.patch_size[0]),
+                "patch": lambda: embed.proj}[args["stem"]]()
         embed.proj = nn.Sequential(proj, HalfMarker(dim)) if args["half_marker"] else proj
         self.head = nn.Linear(self.vit.num_features, 1)
         nn.init.zeros_(self.head.bias)
@@ -131,6 +162,33 @@ class PairViT(nn.Module):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A PIL image -> (3, H, W/2) float tensor at this model's half size and normalisation."""
         return preprocess(image, self.half_size, self.model_args["mean"], self.model_args["std"])
+
+    def cnn_stem(self) -> CNNStem:
+        """The CNN stem (stem="cnn" only)."""
+        proj = self.vit.patch_embed.proj
+        stem = proj[0] if isinstance(proj, nn.Sequential) else proj
+        if not isinstance(stem, CNNStem):
+            raise ValueError(f"this pair model has a {self.model_args['stem']!r} stem, not a 'cnn' one")
+        return stem
+
+
+def init_stem_from(model: PairViT, path: str | Path) -> int:
+    """Copy the backbone weights of descriptor checkpoint `path` into `model`'s CNN stem; returns the number of
+    tensors copied. Refused (ValueError naming the file) if the backbones differ or a stem weight is missing."""
+    from pair_vit.checkpoint import load_checkpoint
+
+    trunk = model.cnn_stem().trunk
+    ckpt = load_checkpoint(path, kind="descriptor")
+    saved = ckpt["model_args"].get("backbone")
+    if saved != model.model_args["stem_backbone"]:
+        raise ValueError(f"{path}: a {saved!r} descriptor cannot initialise a "
+                         f"{model.model_args['stem_backbone']!r} stem")
+    state = {k[len("backbone."):]: v.float() for k, v in ckpt["model_state"].items() if k.startswith("backbone.")}
+    missing = [k for k in trunk.state_dict() if k not in state]
+    if missing:
+        raise ValueError(f"{path}: no weights for stem tensor(s) {missing[:5]}")
+    trunk.load_state_dict({k: state[k] for k in trunk.state_dict()})
+    return len(trunk.state_dict())
 
 
 def _create_backbone(args: dict[str, Any], pretrained: str) -> nn.Module:

@@ -35,8 +35,9 @@ from pair_vit import data, demo_dir, training
 from pair_vit import pair_data as pd_
 from pair_vit.checkpoint import save_checkpoint
 from pair_vit.config import opt, save_config, to_dict
-from pair_vit.pair_model import (KIND, build_pair_model, default_model_args, make_optimizer, pair_metrics,
-                                 save_pair_model, score_pairs)
+from pair_vit.descriptor import IMAGENET_MEAN, IMAGENET_STD
+from pair_vit.pair_model import (KIND, STEMS, build_pair_model, default_model_args, init_stem_from, make_optimizer,
+                                 pair_metrics, save_pair_model, score_pairs)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ METRIC_COLUMNS = ("step", "loss", "lr", "intensity_cap", "pairs_per_s", "data_wa
                   *(f"heldout_{k}" for k in HELDOUT_KEYS))
 
 # Config fields a resumed run must share with its checkpoint (it also must see the same photos).
-RESUME_KEYS = ("backbone", "input_size", "stem", "half_marker", "backbone_kwargs", "progressive_min_height",
+RESUME_KEYS = ("backbone", "input_size", "stem", "stem_backbone", "stem_from", "half_marker", "backbone_kwargs", "progressive_min_height",
                "split", "split_seed", "dev_fraction", "heldout_fraction", "descriptor_checkpoint", "neighbours",
                "group_size", "groups_per_step", "random_fraction", "max_edits", "n_donors", "load_side",
                "intensity_start", "intensity_end", "ramp_fraction", "seed", "init_from")
@@ -67,7 +68,10 @@ class TrainPairsConfig:
     neighbours: int = opt(16, "look-alike candidates per photo that group members are drawn from")
     backbone: str = opt("vit_tiny_patch16_224", "timm ViT name (vit_tiny/small/base_patch16_224, ...)")
     input_size: list = opt([112, 224], "pair image height and width; each half is H x W/2")
-    stem: str = opt("conv", "patch embedding: conv (4 stride-2 3x3 convs) or patch (16x16)", choices=("conv", "patch"))
+    stem: str = opt("conv", "patch embedding: conv (4 stride-2 3x3 convs), patch (16x16) or cnn (a timm CNN cut at "
+                            "stride 16)", choices=STEMS)
+    stem_backbone: str = opt("resnet10t", "timm CNN of a cnn stem")
+    stem_from: str = opt("", "descriptor checkpoint whose backbone initialises the cnn stem (same backbone)")
     half_marker: bool = opt(True, "learned embedding telling reference tokens from query tokens")
     backbone_kwargs: dict = opt({}, "extra timm arguments as YAML, e.g. '{depth: 2, embed_dim: 64, num_heads: 2}'")
     pretrained: str = opt("", "initialise the backbone: a local weights file, a hub id or 'default' (needs a hub)")
@@ -122,9 +126,12 @@ def resolve(cfg: TrainPairsConfig) -> TrainPairsConfig:
 
 
 def model_args(cfg: TrainPairsConfig) -> dict[str, Any]:
+    # a cnn stem takes its inputs normalised as the descriptor it is initialised from was trained
+    norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)} if cfg.stem == "cnn" else {}
     return default_model_args(backbone=cfg.backbone, input_size=cfg.input_size, stem=cfg.stem,
-                              half_marker=cfg.half_marker, backbone_kwargs=cfg.backbone_kwargs,
-                              dynamic_size=cfg.progressive_min_height > 0)
+                              stem_backbone=cfg.stem_backbone, half_marker=cfg.half_marker,
+                              backbone_kwargs=cfg.backbone_kwargs, dynamic_size=cfg.progressive_min_height > 0,
+                              **norm)
 
 
 def group_settings(cfg: TrainPairsConfig, mean, std) -> pd_.GroupSettings:
@@ -176,21 +183,6 @@ def check_resumable(ckpt: dict[str, Any], cfg: TrainPairsConfig, args: dict[str,
     if saved_manifest != manifest:
         diffs.append(f"training photos: manifest {saved_manifest} != {manifest} (photos added, removed or changed)")
     training.refuse_resume(path, diffs)
-
-
-def restore(ckpt: dict[str, Any], model, optimizer, scheduler, accelerator) -> int:
-    """Load weights, optimiser, scheduler and this process's RNG states; returns the step to continue from."""
-    model.load_state_dict(ckpt["model_state"])
-    extra = ckpt["extra"]
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    rngs = extra.get("rng") or []
-    if extra.get("world_size") == accelerator.num_processes and accelerator.process_index < len(rngs):
-        training.set_rng_states(rngs[accelerator.process_index])
-    elif accelerator.is_main_process:
-        log.warning("checkpoint made with %s processes, now %d: RNG states not restored",
-                    extra.get("world_size"), accelerator.num_processes)
-    return int(ckpt["step"])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -348,8 +340,10 @@ def run(cfg: TrainPairsConfig) -> dict[str, Any]:
     start = 0
     if ckpt is not None:
         check_resumable(ckpt, cfg, model.model_args, manifest, ckpt_path)
-        start = restore(ckpt, model, optimizer, scheduler, accelerator)
+        start = training.restore(ckpt, model, optimizer, scheduler, accelerator)
     else:
+        if cfg.stem_from:
+            init_stem_from(model, cfg.stem_from)
         if cfg.init_from:
             training.init_from(model, cfg.init_from, KIND, model.model_args)
         torch.manual_seed(cfg.seed * 1000 + accelerator.process_index + 1)

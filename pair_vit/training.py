@@ -28,6 +28,8 @@ import torch
 from pair_vit.checkpoint import compare_configs, load_checkpoint
 from pair_vit.config import to_dict
 
+log = logging.getLogger(__name__)
+
 RNG_KINDS = ("torch", "numpy", "python")
 
 
@@ -121,6 +123,22 @@ def init_from(model: torch.nn.Module, path: str | os.PathLike, kind: str, model_
     if diffs:
         raise ValueError(f"cannot initialise from {path}: another architecture: {'; '.join(diffs)}")
     model.load_state_dict(saved["model_state"])
+
+
+def restore(ckpt: Mapping[str, Any], model, optimizer, scheduler, accelerator) -> int:
+    """Load a training checkpoint's weights, optimiser, scheduler and this process's RNG states (saved as
+    extra["rng"][process], one per process of the saving run); returns the step to continue from."""
+    model.load_state_dict(ckpt["model_state"])
+    extra = ckpt["extra"]
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    rngs = extra.get("rng") or []
+    if extra.get("world_size") == accelerator.num_processes and accelerator.process_index < len(rngs):
+        set_rng_states(rngs[accelerator.process_index])
+    elif accelerator.is_main_process:
+        log.warning("checkpoint made with %s processes, now %d: RNG states not restored",
+                    extra.get("world_size"), accelerator.num_processes)
+    return int(ckpt["step"])
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.01) -> float:

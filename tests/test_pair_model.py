@@ -8,8 +8,9 @@ from PIL import Image
 
 from pair_vit import data, demo_dir
 from pair_vit.checkpoint import CheckpointError, save_checkpoint
-from pair_vit.pair_model import (build_pair_model, default_model_args, load_pair_model, preprocess, save_pair_model,
-                                 score_pairs)
+from pair_vit.descriptor import build_descriptor
+from pair_vit.pair_model import (build_pair_model, default_model_args, init_stem_from, load_pair_model, preprocess,
+                                 save_pair_model, score_pairs)
 
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 
@@ -69,6 +70,44 @@ def test_no_marker_and_both_stems_build(inputs):
     assert conv.vit.patch_embed(x).shape == patch.vit.patch_embed(x).shape == (1, 8, 64)  # 2 x 4 tokens
     with pytest.raises(ValueError, match="stem"):
         build_pair_model(tiny_args(stem="resnet"))
+
+
+def test_cnn_stem_keeps_the_token_grid(inputs):
+    ref, query = inputs
+    net = build_pair_model(tiny_args(stem="cnn")).eval()
+    x = torch.zeros(1, 3, 32, 64)
+    assert net.vit.patch_embed(x).shape == (1, 8, 64)  # resnet10t cut at stride 16: 2 x 4 tokens, as a 16x16 patch
+    with torch.no_grad():
+        assert net(ref, query).shape == (6,)
+    with pytest.raises(ValueError, match="no stride-12 stage"):
+        build_pair_model(default_model_args(input_size=[36, 72], backbone_kwargs={**TINY, "patch_size": 12}, stem="cnn"))
+
+
+def _descriptor_checkpoint(path, backbone="resnet10t"):
+    torch.manual_seed(3)
+    desc = build_descriptor({"backbone": backbone, "embed_dim": 8, "image_size": 32})
+    return save_checkpoint(path, kind="descriptor", model_args=desc.model_args, model_state=desc.state_dict()), desc
+
+
+def test_cnn_stem_initialised_from_a_descriptor(tmp_path):
+    path, desc = _descriptor_checkpoint(tmp_path / "desc.pt")
+    net = build_pair_model(tiny_args(stem="cnn"))
+    copied = init_stem_from(net, path)
+    trunk = net.cnn_stem().trunk.state_dict()
+    assert copied == len(trunk)
+    for name, value in trunk.items():
+        assert torch.equal(value, desc.backbone.state_dict()[name]), name
+
+
+def test_cnn_stem_initialisation_refusals(tmp_path):
+    path, _ = _descriptor_checkpoint(tmp_path / "desc.pt")
+    with pytest.raises(ValueError, match="'conv' stem"):
+        init_stem_from(build_pair_model(tiny_args()), path)
+    with pytest.raises(ValueError, match="'resnet10t' descriptor cannot initialise a 'resnet18' stem"):
+        init_stem_from(build_pair_model(tiny_args(stem="cnn", stem_backbone="resnet18")), path)
+    pair = save_checkpoint(tmp_path / "pair.pt", kind="pair_vit", model_args={}, model_state={})
+    with pytest.raises(CheckpointError, match="pair_vit"):
+        init_stem_from(build_pair_model(tiny_args(stem="cnn")), pair)
 
 
 def test_dynamic_size_accepts_smaller_inputs():

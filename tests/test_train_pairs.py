@@ -80,6 +80,23 @@ def test_fine_tune_from_a_checkpoint(photos, tmp_path):
     assert other.returncode == 2 and "another architecture" in other.stderr and "stem" in other.stderr
 
 
+def test_cnn_stem_from_a_descriptor(photos, tmp_path):
+    from pair_vit.descriptor import IMAGENET_MEAN, build_descriptor
+    from pair_vit.checkpoint import save_checkpoint
+
+    torch.manual_seed(3)
+    desc = build_descriptor({"backbone": "resnet10t", "embed_dim": 8, "image_size": 32})
+    path = save_checkpoint(tmp_path / "desc.pt", kind="descriptor", model_args=desc.model_args,
+                           model_state=desc.state_dict())
+    run = train("--train-dir", photos, "--output-dir", tmp_path / "run", "--max-steps", 1, "--lr", 0,
+                "--stem", "cnn", "--stem-from", path)
+    assert run.returncode == 0, run.stderr
+    saved = load_checkpoint(tmp_path / "run" / "pair_vit.pt")
+    assert saved["model_args"]["stem"] == "cnn" and saved["model_args"]["mean"] == list(IMAGENET_MEAN)
+    kernel = saved["model_state"]["vit.patch_embed.proj.0.trunk.conv1.0.weight"]
+    assert torch.equal(kernel, desc.backbone.state_dict()["conv1.0.weight"].half())  # lr 0: the descriptor's
+
+
 def test_too_few_photos(tmp_path, photos):
     folder = tmp_path / "one"
     folder.mkdir()
