@@ -212,15 +212,18 @@ def build_pair_model(model_args: dict[str, Any] | None = None, pretrained: str =
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup: int, total: int,
-                   min_ratio: float = 0.01):
+                   min_ratio: float = 0.01, stem_lr_scale: float = 1.0):
     """AdamW (weight decay on matrices and conv kernels only, not on norms, biases, embeddings) and a LambdaLR:
-    linear warmup over `warmup` steps, then cosine from `lr` down to `min_ratio * lr` at step `total`."""
-    decay, no_decay = [], []
+    linear warmup over `warmup` steps, then cosine from `lr` down to `min_ratio * lr` at step `total`.
+    A cnn stem's trunk learns at `stem_lr_scale * lr`: initialised from a trained descriptor, it should be
+    adapted, not overwritten by the early, noisy gradients of a random transformer."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         skip = p.ndim <= 1 or any(k in name for k in ("pos_embed", "cls_token", "reg_token", "embed.embed"))
-        (no_decay if skip else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        groups.setdefault((".trunk." in name, skip), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if skip else weight_decay,
+                                    "lr": lr * (stem_lr_scale if trunk else 1.0)}
+                                   for (trunk, skip), params in sorted(groups.items())], lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
     return optimizer, schedule
 

@@ -72,6 +72,7 @@ class TrainPairsConfig:
                             "stride 16)", choices=STEMS)
     stem_backbone: str = opt("resnet10t", "timm CNN of a cnn stem")
     stem_from: str = opt("", "descriptor checkpoint whose backbone initialises the cnn stem (same backbone)")
+    stem_lr_scale: float = opt(1.0, "learning rate of a cnn stem's CNN, as a fraction of --lr")
     half_marker: bool = opt(True, "learned embedding telling reference tokens from query tokens")
     backbone_kwargs: dict = opt({}, "extra timm arguments as YAML, e.g. '{depth: 2, embed_dim: 64, num_heads: 2}'")
     pretrained: str = opt("", "initialise the backbone: a local weights file, a hub id or 'default' (needs a hub)")
@@ -336,7 +337,7 @@ def run(cfg: TrainPairsConfig) -> dict[str, Any]:
     set_seed(cfg.seed)  # same initial weights on every process
     model = build_pair_model(model_args(cfg), cfg.pretrained)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps,
-                                          cfg.min_lr_ratio)
+                                          cfg.min_lr_ratio, cfg.stem_lr_scale)
     start = 0
     if ckpt is not None:
         check_resumable(ckpt, cfg, model.model_args, manifest, ckpt_path)

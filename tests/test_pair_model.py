@@ -9,8 +9,8 @@ from PIL import Image
 from pair_vit import data, demo_dir
 from pair_vit.checkpoint import CheckpointError, save_checkpoint
 from pair_vit.descriptor import build_descriptor
-from pair_vit.pair_model import (build_pair_model, default_model_args, init_stem_from, load_pair_model, preprocess,
-                                 save_pair_model, score_pairs)
+from pair_vit.pair_model import (build_pair_model, default_model_args, init_stem_from, load_pair_model,
+                                 make_optimizer, preprocess, save_pair_model, score_pairs)
 
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 
@@ -108,6 +108,19 @@ def test_cnn_stem_initialisation_refusals(tmp_path):
     pair = save_checkpoint(tmp_path / "pair.pt", kind="pair_vit", model_args={}, model_state={})
     with pytest.raises(CheckpointError, match="pair_vit"):
         init_stem_from(build_pair_model(tiny_args(stem="cnn")), pair)
+
+
+def test_optimizer_groups_and_stem_learning_rate():
+    net = build_pair_model(tiny_args(stem="cnn"))
+    optimizer, _ = make_optimizer(net, lr=1e-3, weight_decay=0.05, warmup=0, total=10, stem_lr_scale=0.1)
+    trunk = {id(p) for p in net.cnn_stem().trunk.parameters()}
+    for group in optimizer.param_groups:
+        in_trunk = {id(p) in trunk for p in group["params"]}
+        assert len(in_trunk) == 1  # a group is all trunk or all transformer
+        assert group["initial_lr"] == pytest.approx(1e-4 if in_trunk.pop() else 1e-3)
+        if any(p.ndim <= 1 for p in group["params"]):  # norms and biases are never decayed
+            assert group["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))
 
 
 def test_dynamic_size_accepts_smaller_inputs():
