@@ -161,13 +161,25 @@ def run(cfg: CalibrateConfig) -> Calibration:
     cal.threshold_p90 = honest.threshold_at_p90
     cal.fitted_on = f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, pair views {list(cfg.pair_views)}"
     write_text_atomic(out, json.dumps(cal.to_dict(), indent=2) + "\n")
-    print(f"sigmoid(logit): uAP {plain.uap:.4f}, recall@P90 {plain.recall_at_p90:.4f}\n"
+    print(f"{separability(logit, sim, labels)}\nsigmoid(logit): uAP {plain.uap:.4f}, recall@P90 {plain.recall_at_p90:.4f}\n"
           f"calibrated{' + fused' if cfg.fuse else ''} (2-fold cross-fit): uAP {honest.uap:.4f}, recall@P90 "
           f"{honest.recall_at_p90:.4f}, threshold@P90 {honest.threshold_at_p90}\n"
           f"fit on all: {cal}\nwritten {out}")
     if cfg.write_checkpoint:
         store_in_checkpoint(cfg.checkpoint or str(rerank.SHIPPED_WEIGHTS), cal)
     return cal
+
+
+def separability(logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray) -> str:
+    """One line: ROC-AUC of the pair logit and of the descriptor similarity over the shortlisted pairs (which
+    signal tells copies from look-alikes better, before any calibration)."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    if labels.min(initial=1) == labels.max(initial=0):
+        return f"ROC-AUC: undefined ({len(labels)} pairs, all of one label)"
+    return (f"ROC-AUC over {len(labels)} shortlisted pairs ({int(labels.sum())} copies): pair logit "
+            f"{roc_auc_score(labels, logit):.4f}, descriptor similarity {roc_auc_score(labels, similarity):.4f}")
 
 
 def store_in_checkpoint(path: str | Path, cal: Calibration) -> None:

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from pair_vit import calibration
 from pair_vit.calibration import Calibration, cross_fit, fit
 
 
@@ -87,3 +88,13 @@ def test_round_trip_and_bad_files(tmp_path):
     path.write_text("not json")
     with pytest.raises(ValueError, match="cal.json"):
         Calibration.read(path)
+
+
+def test_separability_by_hand():
+    labels = np.array([1, 0, 0, 1])
+    logit = np.array([3.0, 1.0, 2.0, 0.0])  # copies rank 1st and 4th: 2 of 4 copy/non-copy pairs ordered
+    sim = np.array([0.9, 0.1, 0.2, 0.8])  # both copies above both non-copies
+    line = calibration.separability(logit, sim, labels)
+    assert "4 shortlisted pairs (2 copies)" in line
+    assert "pair logit 0.5000" in line and "descriptor similarity 1.0000" in line
+    assert "undefined" in calibration.separability(logit, sim, np.zeros(4))
