@@ -48,9 +48,9 @@ def default_model_args(**overrides: Any) -> dict[str, Any]:
     """The architecture arguments `build_pair_model` takes, with defaults; keyword arguments override them.
 
     backbone: timm model name; input_size: [H, W] of the pair image (each half is H x W/2); stem: "conv",
-    "patch" or "cnn"; stem_backbone: the timm CNN of a "cnn" stem; half_marker: learned reference/query embedding; dynamic_size: accept other input sizes
-    (progressive resolution; position embeddings resampled on the fly); backbone_kwargs: extra timm
-    arguments (depth, embed_dim, num_heads, drop_path_rate, ...); mean/std: input normalisation.
+    "patch" or "cnn"; stem_backbone: the timm CNN of a "cnn" stem; half_marker: learned reference/query
+    embedding; dynamic_size: accept other input sizes (progressive resolution; position embeddings
+    resampled on the fly); backbone_kwargs: extra timm arguments (depth, embed_dim, num_heads, drop_path_rate, ...); mean/std: input normalisation.
     """
     args = {"backbone": "vit_tiny_patch16_224", "input_size": [112, 224], "stem": "conv",
             "stem_backbone": "resnet10t", "half_marker": True,
@@ -217,10 +217,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup: int
     linear warmup over `warmup` steps, then cosine from `lr` down to `min_ratio * lr` at step `total`.
     A cnn stem's trunk learns at `stem_lr_scale * lr`: initialised from a trained descriptor, it should be
     adapted, not overwritten by the early, noisy gradients of a random transformer."""
+    trunk_ids = {id(p) for m in model.modules() if isinstance(m, CNNStem) for p in m.trunk.parameters()}
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         skip = p.ndim <= 1 or any(k in name for k in ("pos_embed", "cls_token", "reg_token", "embed.embed"))
-        groups.setdefault((".trunk." in name, skip), []).append(p)
+        groups.setdefault((id(p) in trunk_ids, skip), []).append(p)
     optimizer = torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if skip else weight_decay,
                                     "lr": lr * (stem_lr_scale if trunk else 1.0)}
                                    for (trunk, skip), params in sorted(groups.items())], lr=lr)

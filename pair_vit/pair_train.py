@@ -46,7 +46,8 @@ METRIC_COLUMNS = ("step", "loss", "lr", "intensity_cap", "pairs_per_s", "data_wa
                   *(f"heldout_{k}" for k in HELDOUT_KEYS))
 
 # Config fields a resumed run must share with its checkpoint (it also must see the same photos).
-RESUME_KEYS = ("backbone", "input_size", "stem", "stem_backbone", "stem_from", "half_marker", "backbone_kwargs", "progressive_min_height",
+RESUME_KEYS = ("backbone", "input_size", "stem", "stem_backbone", "stem_from", "half_marker", "backbone_kwargs",
+               "progressive_min_height",
                "split", "split_seed", "dev_fraction", "heldout_fraction", "descriptor_checkpoint", "neighbours",
                "group_size", "groups_per_step", "random_fraction", "max_edits", "n_donors", "load_side",
                "intensity_start", "intensity_end", "ramp_fraction", "seed", "init_from")
