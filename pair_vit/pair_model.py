@@ -50,7 +50,8 @@ def default_model_args(**overrides: Any) -> dict[str, Any]:
     backbone: timm model name; input_size: [H, W] of the pair image (each half is H x W/2); stem: "conv",
     "patch" or "cnn"; stem_backbone: the timm CNN of a "cnn" stem; half_marker: learned reference/query
     embedding; dynamic_size: accept other input sizes (progressive resolution; position embeddings
-    resampled on the fly); backbone_kwargs: extra timm arguments (depth, embed_dim, num_heads, drop_path_rate, ...); mean/std: input normalisation.
+    resampled on the fly); backbone_kwargs: extra timm arguments (depth, embed_dim, num_heads,
+    drop_path_rate, ...); mean/std: input normalisation.
     """
     args = {"backbone": "vit_tiny_patch16_224", "input_size": [112, 224], "stem": "conv",
             "stem_backbone": "resnet10t", "half_marker": True,
