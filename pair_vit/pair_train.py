@@ -347,7 +347,7 @@ def run(cfg: TrainPairsConfig) -> dict[str, Any]:
         if cfg.stem_from:
             init_stem_from(model, cfg.stem_from)
         if cfg.init_from:
-            training.init_from(model, cfg.init_from, KIND, model.model_args)
+            training.init_from(model, cfg.init_from, KIND, model.model_args, default_model_args())
         torch.manual_seed(cfg.seed * 1000 + accelerator.process_index + 1)
     # The scheduler is not prepared: accelerate's wrapper would step it once per process per step.
     model, optimizer = accelerator.prepare(model, optimizer)

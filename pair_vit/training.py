@@ -113,13 +113,16 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
         random.setstate(_as_tuples(states["python"]))
 
 
-def init_from(model: torch.nn.Module, path: str | os.PathLike, kind: str, model_args: Mapping[str, Any]) -> None:
+def init_from(model: torch.nn.Module, path: str | os.PathLike, kind: str, model_args: Mapping[str, Any],
+              defaults: Mapping[str, Any] | None = None) -> None:
     """Fine-tuning: load the weights of checkpoint `path` (of `kind`) into `model`, refusing another
-    architecture (any difference in `model_args`, ignoring the `pretrained` initialisation) with its names."""
+    architecture (any difference in `model_args`, ignoring the `pretrained` initialisation) with its names.
+    `defaults` fill the architecture arguments a checkpoint written before they existed does not record."""
     saved = load_checkpoint(path, kind=kind)
-    keys = sorted((set(saved["model_args"]) | set(model_args)) - {"pretrained"})
-    diffs = [f"{k}: saved {saved['model_args'].get(k)!r}, now {model_args.get(k)!r}" for k in keys
-             if _as_tuples(saved["model_args"].get(k)) != _as_tuples(model_args.get(k))]
+    saved_args = {**(defaults or {}), **saved["model_args"]}
+    keys = sorted((set(saved_args) | set(model_args)) - {"pretrained"})
+    diffs = [f"{k}: saved {saved_args.get(k)!r}, now {model_args.get(k)!r}" for k in keys
+             if _as_tuples(saved_args.get(k)) != _as_tuples(model_args.get(k))]
     if diffs:
         raise ValueError(f"cannot initialise from {path}: another architecture: {'; '.join(diffs)}")
     model.load_state_dict(saved["model_state"])

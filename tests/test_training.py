@@ -100,3 +100,17 @@ def test_warmup_cosine_schedule():
     assert training.warmup_cosine(55, 10, 100) == pytest.approx(0.01 + 0.99 * 0.5)  # half-way down the cosine
     assert training.warmup_cosine(100, 10, 100) == pytest.approx(0.01)
     assert training.warmup_cosine(500, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_init_from_fills_arguments_an_older_checkpoint_lacks(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    path = save_checkpoint(tmp_path / "old.pt", kind="test", model_args={"width": 2},
+                           model_state=model.state_dict())
+    now = {"width": 2, "stem": "conv"}  # "stem" did not exist when old.pt was written
+    with pytest.raises(ValueError, match="stem: saved None"):
+        training.init_from(torch.nn.Linear(2, 1), path, "test", now)
+    other = torch.nn.Linear(2, 1)
+    training.init_from(other, path, "test", now, defaults={"stem": "conv"})
+    assert torch.equal(other.weight, model.weight)
+    with pytest.raises(ValueError, match="stem: saved 'patch', now 'conv'"):
+        training.init_from(other, path, "test", now, defaults={"stem": "patch"})
