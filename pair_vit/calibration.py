@@ -3,12 +3,17 @@
 uAP ranks the predictions of ALL queries together, and a user acts on a score through a threshold, so the
 submission score must mean the same thing for every query:
 
-    score = sigmoid(w_logit * logit + w_desc * similarity + w_margin * margin + bias)   (higher = more likely a copy)
+    score = sigmoid(w_logit * logit + w_desc * similarity + w_margin * margin
+                    + w_inliers * log1p(inliers) + w_inlier_margin * inlier_margin + bias)
+
+(higher = more likely a copy).
 
 margin = the pair's descriptor similarity minus the highest similarity among the query's OTHER shortlisted
 references (> 0 only for the query's top candidate): a copy usually stands out from the rest of its shortlist,
 a look-alike of many references does not. It makes a score depend on the query's shortlist, as score
 normalisation does; on the dev benchmark it added +0.037 uAP to the fused score (cross-fitted, k=20).
+inliers = RANSAC inliers of the pair's SIFT matches (`pair_vit.verify`), inlier_margin = the same margin
+taken of log1p(inliers); both are used only by a calibration fitted with verification.
 
 With the identity calibration (w_logit=1, w_desc=w_margin=0, bias=0) this is the model's own probability. `fit`
 learns the numbers by logistic regression on the shortlisted pairs of a labelled benchmark (the descriptor
@@ -33,30 +38,47 @@ from pair_vit.index import similarity_margin
 
 @dataclass
 class Calibration:
-    """score = sigmoid(w_logit * logit + w_desc * similarity + w_margin * margin + bias)."""
+    """score = sigmoid(w_logit * logit + w_desc * similarity + w_margin * margin + w_inliers * log1p(inliers)
+    + w_inlier_margin * inlier_margin + bias)."""
 
     w_logit: float = 1.0
     w_desc: float = 0.0
     bias: float = 0.0
     w_margin: float = 0.0  # weight of `similarity_margin` (0: not used, no query ids needed)
+    w_inliers: float = 0.0  # weight of log1p(SIFT RANSAC inliers) (0: no verification needed)
+    w_inlier_margin: float = 0.0  # weight of the margin of log1p(inliers) over the query's other candidates
     threshold_p90: float | None = None  # calibrated score with precision 0.90 on the benchmark it was fitted on
     fitted_on: str = ""  # what it was fitted on (benchmark, pairs, positives)
 
-    def apply(self, logit: np.ndarray, similarity: np.ndarray, query_ids: np.ndarray | None = None) -> np.ndarray:
-        """(N,) logits, (N,) descriptor similarities and, if the fit uses the margin, the (N,) query ids of a
-        whole shortlist -> (N,) float64 scores in (0, 1) (float64: confident pairs would otherwise all round to
-        exactly 1.0 and tie)."""
+    def apply(self, logit: np.ndarray, similarity: np.ndarray, query_ids: np.ndarray | None = None,
+              inliers: np.ndarray | None = None) -> np.ndarray:
+        """(N,) logits, (N,) descriptor similarities and, if the fit uses them, the (N,) query ids of a whole
+        shortlist (margins) and the (N,) RANSAC inliers -> (N,) float64 scores in (0, 1) (float64: confident
+        pairs would otherwise all round to exactly 1.0 and tie)."""
         z = self.w_logit * np.asarray(logit, np.float64) + self.w_desc * np.asarray(similarity, np.float64) \
             + self.bias
+        if (self.w_margin or self.w_inlier_margin) and query_ids is None:
+            raise ValueError("this calibration uses margins over the query's other candidates: pass the pairs' "
+                             "query ids")
         if self.w_margin:
-            if query_ids is None:
-                raise ValueError("this calibration uses the similarity margin: pass the pairs' query ids")
             z = z + self.w_margin * similarity_margin(query_ids, similarity)
+        if self.needs_inliers:
+            if inliers is None:
+                raise ValueError("this calibration uses SIFT verification: pass the pairs' RANSAC inliers "
+                                 "(scripts/rerank.py --verify sift)")
+            verified = np.log1p(np.asarray(inliers, np.float64))
+            z = z + self.w_inliers * verified
+            if self.w_inlier_margin:
+                z = z + self.w_inlier_margin * similarity_margin(query_ids, verified)
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
     @property
+    def needs_inliers(self) -> bool:
+        return self.w_inliers != 0.0 or self.w_inlier_margin != 0.0
+
+    @property
     def fuses(self) -> bool:
-        return self.w_desc != 0.0 or self.w_margin != 0.0
+        return self.w_desc != 0.0 or self.w_margin != 0.0 or self.needs_inliers
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,21 +98,33 @@ class Calibration:
             raise ValueError(f"calibration file {path}: {err}") from None
 
 
+def _features(logit, similarity, fuse: bool, query_ids, inliers) -> dict[str, np.ndarray]:
+    """The regressors of `fit`, by the Calibration weight each one gets."""
+    columns = {"w_logit": np.asarray(logit, np.float64)}
+    if fuse:
+        columns["w_desc"] = np.asarray(similarity, np.float64)
+        if query_ids is not None:
+            columns["w_margin"] = similarity_margin(query_ids, similarity)
+        if inliers is not None:
+            columns["w_inliers"] = np.log1p(np.asarray(inliers, np.float64))
+            if query_ids is not None:
+                columns["w_inlier_margin"] = similarity_margin(query_ids, columns["w_inliers"])
+    return columns
+
+
 def fit(logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray, fuse: bool = True,
-        query_ids: np.ndarray | None = None) -> Calibration:
-    """Logistic regression of labels (1 = true copy) on the logit (with `fuse`, also on the similarity, and
-    with `query_ids` of whole shortlists, also on `similarity_margin`)."""
+        query_ids: np.ndarray | None = None, inliers: np.ndarray | None = None) -> Calibration:
+    """Logistic regression of labels (1 = true copy) on the logit; with `fuse`, also on the similarity, on
+    `inliers` (log1p) if given, and with `query_ids` of whole shortlists on the margins of both."""
     from sklearn.linear_model import LogisticRegression
 
     labels = np.asarray(labels).astype(int)
     if labels.min(initial=1) == labels.max(initial=0):
         raise ValueError("calibration needs both true copies and non-copies among the scored pairs")
-    margin = fuse and query_ids is not None
-    columns = [logit] + ([similarity] if fuse else []) + ([similarity_margin(query_ids, similarity)] if margin else [])
-    lr = LogisticRegression(C=100.0, max_iter=1000).fit(np.stack(columns, axis=1), labels)
-    w = lr.coef_[0]
-    return Calibration(w_logit=float(w[0]), w_desc=float(w[1]) if fuse else 0.0, bias=float(lr.intercept_[0]),
-                       w_margin=float(w[2]) if margin else 0.0,
+    columns = _features(logit, similarity, fuse, query_ids, inliers)
+    lr = LogisticRegression(C=100.0, max_iter=2000).fit(np.stack(list(columns.values()), axis=1), labels)
+    weights = {name: float(w) for name, w in zip(columns, lr.coef_[0])}
+    return Calibration(**weights, bias=float(lr.intercept_[0]),
                        fitted_on=f"{len(labels)} pairs, {int(labels.sum())} copies")
 
 
@@ -99,7 +133,7 @@ def _fold(query_id: str, folds: int) -> int:
 
 
 def cross_fit(query_ids: np.ndarray, logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray,
-              fuse: bool = True, folds: int = 2, margin: bool = True) -> np.ndarray:
+              fuse: bool = True, folds: int = 2, margin: bool = True, inliers: np.ndarray | None = None) -> np.ndarray:
     """Scores for every pair from a calibration fitted on the other folds of queries (by a hash of the id).
 
     All arrays (N,); returns float64 (N,). A fold without both labels among the others falls back to the
@@ -107,13 +141,15 @@ def cross_fit(query_ids: np.ndarray, logit: np.ndarray, similarity: np.ndarray, 
     query_ids = np.asarray(query_ids)
     fold = np.array([_fold(q, folds) for q in query_ids])
     out = np.empty(len(fold), np.float64)
+    part = (lambda x, mask: None if x is None else np.asarray(x)[mask])  # noqa: E731
     for f in range(folds):
         test, train = fold == f, fold != f
         try:
-            cal = fit(logit[train], similarity[train], labels[train], fuse, query_ids[train] if margin else None)
+            cal = fit(logit[train], similarity[train], labels[train], fuse, query_ids[train] if margin else None,
+                      part(inliers, train))
         except ValueError:
             cal = Calibration()
-        out[test] = cal.apply(logit[test], similarity[test], query_ids[test])
+        out[test] = cal.apply(logit[test], similarity[test], query_ids[test], part(inliers, test))
     return out
 
 
@@ -132,6 +168,8 @@ class CalibrateConfig:
     views: str = opt("full", "descriptor query views of the shortlist", choices=("full", "halves", "grid"))
     fuse: bool = opt(True, "fuse the descriptor similarity into the score (--no-fuse: logit only)")
     margin: bool = opt(True, "with --fuse, also the similarity margin to the query's best other candidate")
+    verify: str = opt("sift", "local verification of the shortlisted pairs, fused into the score: sift (RANSAC "
+                              "inliers and their margin) or none", choices=("sift", "none"))
     out: str = opt("", "calibration JSON to write (default: BENCHMARK/calibration.json)")
     write_checkpoint: bool = opt(False, "also store the fit in the pair-ViT checkpoint (extra['calibration']), "
                                         "where scripts/rerank.py picks it up by default")
@@ -150,18 +188,21 @@ def run(cfg: CalibrateConfig) -> Calibration:
     rcfg = rerank.RerankConfig(queries=str(layout.queries), references=str(layout.references),
                                work_dir=str(out) + ".work", k=cfg.k, checkpoint=cfg.checkpoint,
                                descriptor_checkpoint=cfg.descriptor_checkpoint, pair_views=list(cfg.pair_views),
-                               views=cfg.views, calibration="none")
+                               views=cfg.views, calibration="none", verify=cfg.verify)
     rows, gt = rerank.match(rcfg).rows, layout.load_ground_truth()
     labels = evaluation.label_predictions(rows, gt)
     logit, sim, queries = rows.logit.to_numpy(), rows.score.to_numpy(), rows.query_id.to_numpy()
+    inliers = rows.inliers.to_numpy() if cfg.verify != "none" else None
     honest = evaluation.evaluate(rows[["query_id", "reference_id"]].assign(
-        score=cross_fit(queries, logit, sim, labels, cfg.fuse, margin=cfg.margin)), gt)
+        score=cross_fit(queries, logit, sim, labels, cfg.fuse, margin=cfg.margin, inliers=inliers)), gt)
     plain = evaluation.evaluate(rows[["query_id", "reference_id"]].assign(score=Calibration().apply(logit, sim)), gt)
-    cal = fit(logit, sim, labels, cfg.fuse, queries if cfg.margin else None)
+    cal = fit(logit, sim, labels, cfg.fuse, queries if cfg.margin else None, inliers)
     cal.threshold_p90 = honest.threshold_at_p90
-    cal.fitted_on = f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, pair views {list(cfg.pair_views)}"
+    cal.fitted_on = (f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, pair views {list(cfg.pair_views)}, "
+                     f"verify {cfg.verify}")
     write_text_atomic(out, json.dumps(cal.to_dict(), indent=2) + "\n")
-    print(f"{separability(logit, sim, labels)}\nsigmoid(logit): uAP {plain.uap:.4f}, recall@P90 {plain.recall_at_p90:.4f}\n"
+    print(f"{separability(logit, sim, labels, inliers)}\n"
+          f"sigmoid(logit): uAP {plain.uap:.4f}, recall@P90 {plain.recall_at_p90:.4f}\n"
           f"calibrated{' + fused' if cfg.fuse else ''} (2-fold cross-fit): uAP {honest.uap:.4f}, recall@P90 "
           f"{honest.recall_at_p90:.4f}, threshold@P90 {honest.threshold_at_p90}\n"
           f"fit on all: {cal}\nwritten {out}")
@@ -170,16 +211,18 @@ def run(cfg: CalibrateConfig) -> Calibration:
     return cal
 
 
-def separability(logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray) -> str:
-    """One line: ROC-AUC of the pair logit and of the descriptor similarity over the shortlisted pairs (which
-    signal tells copies from look-alikes better, before any calibration)."""
+def separability(logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray,
+                 inliers: np.ndarray | None = None) -> str:
+    """One line: ROC-AUC of the pair logit, the descriptor similarity (and the RANSAC inliers) over the
+    shortlisted pairs (which signal tells copies from look-alikes better, before any calibration)."""
     from sklearn.metrics import roc_auc_score
 
     labels = np.asarray(labels).astype(int)
     if labels.min(initial=1) == labels.max(initial=0):
         return f"ROC-AUC: undefined ({len(labels)} pairs, all of one label)"
     return (f"ROC-AUC over {len(labels)} shortlisted pairs ({int(labels.sum())} copies): pair logit "
-            f"{roc_auc_score(labels, logit):.4f}, descriptor similarity {roc_auc_score(labels, similarity):.4f}")
+            f"{roc_auc_score(labels, logit):.4f}, descriptor similarity {roc_auc_score(labels, similarity):.4f}"
+            + (f", SIFT inliers {roc_auc_score(labels, inliers):.4f}" if inliers is not None else ""))
 
 
 def store_in_checkpoint(path: str | Path, cal: Calibration) -> None:

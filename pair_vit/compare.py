@@ -11,6 +11,7 @@ A second table measures how faiss search time grows with the reference-set size 
 """
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
@@ -51,6 +52,8 @@ class CompareConfig:
     shortlist_views: str = opt("full", "descriptor query views for the reranker's shortlist",
                                choices=("full", "halves", "grid"))
     rerank_k: int = opt(20, "shortlist size the pair ViT rescores")
+    verify: str = opt("sift", "local verification of the reranker's pairs (rows with and without it): sift or "
+                              "none", choices=("sift", "none"))
     smoke: str = opt("", "folder of real copy pairs (e.g. ../shared/data/smoke), one sub-folder each: a "
                          "ground_truth.csv naming query and reference, or *_original.* + one other image; "
                          "reports where the true reference ranks among distractors")
@@ -161,31 +164,55 @@ def view_sets(views: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig, out: Path) -> list[Result]:
-    """Descriptor shortlist rescored by the pair ViT: one run scoring every view, then a row per view set."""
+    """Descriptor shortlist rescored by the pair ViT (and SIFT verification): one run scoring every view, then
+    rows per view set: the plain sigmoid, the stored calibration, cross-fitted fusions with and without the
+    verification, and the descriptor + verification without the pair ViT (what the pair ViT adds)."""
     from pair_vit import rerank
-    from pair_vit.calibration import Calibration, cross_fit
+    from pair_vit.calibration import Calibration
 
     rcfg = rerank.RerankConfig(queries=str(layout.queries), references=str(layout.references),
                                output=str(out / "rerank.csv"), work_dir=str(out / "rerank.work"), k=cfg.rerank_k,
                                checkpoint=cfg.pair_checkpoint, descriptor_checkpoint=cfg.descriptor_checkpoint,
                                pair_views=list(cfg.pair_views), views=cfg.shortlist_views, amp=cfg.amp,
-                               progress=False)
+                               verify=cfg.verify, calibration="none", progress=False)
     found, seconds = _timed(lambda: rerank.match(rcfg))
-    rows, scored = [], found.rows
-    shortlist_sec = seconds - found.stats.get("pair_seconds", 0.0)
+    stored = rerank.load_pair(dataclasses.replace(rcfg, calibration="checkpoint"))[2]
+    rows, scored, stats = [], found.rows, found.stats
+    shortlist_sec = seconds - stats.get("pair_seconds", 0.0) - stats.get("verify_seconds", 0.0)
+    verify_sec = stats.get("verify_seconds", 0.0)
+    inliers = scored.inliers.to_numpy() if "inliers" in scored else None
     labels = evaluation.label_predictions(scored, gt)
     n_views = len([c for c in scored.columns if c.startswith("logit_")])
     for name, views in view_sets(list(cfg.pair_views)):
         logit = scored[[f"logit_{v}" for v in views]].max(axis=1).to_numpy()
-        sec = shortlist_sec + found.stats.get("pair_seconds", 0.0) * len(views) / max(n_views, 1)
+        sec = shortlist_sec + stats.get("pair_seconds", 0.0) * len(views) / max(n_views, 1)
         sub = scored[["query_id", "reference_id"]].assign(score=Calibration().apply(logit, scored.score))
         rows.append(("rerank", name, sub, sec))
-        if found.calibration is not None and found.calibration.fuses:
-            stored = found.calibration.apply(logit, scored.score, scored.query_id.to_numpy())
-            rows.append(("rerank", name + " +fused", sub.assign(score=stored), sec))
+        if stored.fuses and (inliers is not None or not stored.needs_inliers):
+            fused = stored.apply(logit, scored.score, scored.query_id.to_numpy(), inliers)
+            sec_fused = sec + (verify_sec if stored.needs_inliers else 0.0)
+            rows.append(("rerank", name + " +fused", sub.assign(score=fused), sec_fused))
         if labels.any() and not labels.all():
-            fused = cross_fit(scored.query_id.to_numpy(), logit, scored.score.to_numpy(), labels)
-            rows.append(("rerank", name + " +fused (cross-fit)", sub.assign(score=fused), sec))
+            rows += _cross_fitted(name, sub, logit, scored, labels, inliers, (shortlist_sec, sec, verify_sec))
+    return rows
+
+
+def _cross_fitted(name: str, sub: pd.DataFrame, logit: np.ndarray, scored: pd.DataFrame, labels: np.ndarray,
+                  inliers: np.ndarray | None, seconds: tuple[float, float, float]) -> list[Result]:
+    """Honest (2-fold cross-fitted) fused rows: pair logit + descriptor (+ SIFT inliers; and without the logit).
+    `seconds`: (shortlist, shortlist + pair scoring, verification) wall time."""
+    from pair_vit.calibration import cross_fit
+
+    shortlist_sec, sec, verify_sec = seconds
+    q, sim = scored.query_id.to_numpy(), scored.score.to_numpy()
+    rows = [("rerank", name + " +fused (cross-fit)", sub.assign(score=cross_fit(q, logit, sim, labels)), sec)]
+    if inliers is not None:
+        both = cross_fit(q, logit, sim, labels, inliers=inliers)
+        rows.append(("rerank", name + " +fused +verified (cross-fit)", sub.assign(score=both), sec + verify_sec))
+        if name == "full":  # the pair ViT's contribution: the same fit with a constant logit
+            alone = cross_fit(q, np.zeros(len(q)), sim, labels, inliers=inliers)
+            rows.append(("rerank", "no pair ViT: descriptor +verified (cross-fit)",
+                         sub.assign(score=alone), shortlist_sec + verify_sec))
     return rows
 
 

@@ -12,7 +12,8 @@ that lines up with the pasted or cropped reference content can score high where 
 Images are decoded once (longest side `load_side`, as in training) into uint8 tensors at the model's half
 size; reference tensors are kept in a bounded cache across chunks. Work is cut into chunks of
 `chunk_queries` queries (by sorted query id, so the layout does not depend on the number of processes);
-each finished chunk is written atomically to `cache_dir`, and a rerun skips the chunks already there.
+each finished chunk is written atomically to `cache_dir`, and a rerun skips the chunks already there
+(`pair_vit.cache`).
 Under `accelerate launch` process r scores the chunks c with c % world == r.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 
 from pair_vit import data
-from pair_vit.io import atomic_path
+from pair_vit.cache import run_chunks
 from pair_vit.pair_model import pair_logits
 
 log = logging.getLogger(__name__)
@@ -107,12 +108,16 @@ class TensorCache:
             log.warning("skipping image %s: %s", err.path, err.reason)
             return None
 
+    def convert(self, image: Image.Image):
+        """What the cache keeps of a decoded image (subclasses keep other things, e.g. keypoints)."""
+        return to_uint8(image, self.half_size)
+
     def get(self, image_id: str) -> torch.Tensor | None:
         if image_id in self._cache:
             self._cache.move_to_end(image_id)
             return self._cache[image_id]
         image = self.load(image_id)
-        tensor = None if image is None else to_uint8(image, self.half_size)
+        tensor = None if image is None else self.convert(image)
         self._cache[image_id] = tensor
         if len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
@@ -151,51 +156,26 @@ def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: Tensor
     return keep
 
 
-def chunk_plan(query_ids: Sequence[str], chunk_queries: int) -> list[list[str]]:
-    """Sorted unique query ids cut into chunks of `chunk_queries` (the same for any number of processes)."""
-    ids = sorted(set(query_ids))
-    return [ids[i:i + chunk_queries] for i in range(0, len(ids), chunk_queries)]
-
-
 def score_shortlist(model, shortlist: pd.DataFrame, queries: Mapping[str, Path], references: Mapping[str, Path],
                     views: Sequence[str], report: data.SkipReport, cache_dir: str | Path | None = None,
                     chunk_queries: int = 32, batch_size: int = 128, amp: bool = True, rank: int = 0,
                     world: int = 1, progress: bool = False,
                     on_chunk: Callable[[int], None] | None = None) -> tuple[pd.DataFrame, int]:
-    """Pair-score this process's chunks of `shortlist` (query_id, reference_id, score).
+    """Pair-score this process's chunks of `shortlist` (query_id, reference_id, score; see `pair_vit.cache`).
 
     Returns (scored rows, see `score_chunk`; number of pairs scored by this call, i.e. not read back from
-    `cache_dir`). `on_chunk(n_pairs)` is called after each chunk (progress, throughput)."""
-    from tqdm import tqdm
-
+    `cache_dir`, times the number of views). `on_chunk(n_pairs)` is called after each chunk."""
     views = expand_views(views)
     model = getattr(model, "module", model).eval()
     half = model.half_size
     q_cache = TensorCache(queries, half, report, capacity=0, load_side=load_side(half))
     r_cache = TensorCache(references, half, report, load_side=load_side(half))
-    by_query = dict(tuple(shortlist.groupby("query_id", sort=False)))
-    mine = [(c, ids) for c, ids in enumerate(chunk_plan(shortlist.query_id, chunk_queries)) if c % world == rank]
-    parts, n_scored = [], 0
-    bar = tqdm(total=sum(len(by_query[q]) for _, ids in mine for q in ids) * len(views), desc="pair scoring",
-               unit="pair", disable=not progress, smoothing=0.1)
-    for c, ids in mine:
-        path = Path(cache_dir) / f"chunk_{c:06d}.csv" if cache_dir else None
-        rows = pd.concat([by_query[q] for q in ids], ignore_index=True)
-        if path is not None and path.is_file():
-            part = pd.read_csv(path, dtype={"query_id": str, "reference_id": str})
-        else:
-            part = score_chunk(model, rows, views, q_cache, r_cache, batch_size, amp)
-            n_scored += len(part) * len(views)
-            if path is not None:
-                with atomic_path(path) as tmp:
-                    part.to_csv(tmp, index=False, float_format="%.6g")
-        parts.append(part)
-        bar.update(len(rows) * len(views))
-        if on_chunk:
-            on_chunk(len(part) * len(views))
-    bar.close()
     empty = shortlist.iloc[:0].assign(**{f"logit_{v}": [] for v in views}, logit=[])
-    return (pd.concat(parts, ignore_index=True) if parts else empty), n_scored
+    rows, n_rows = run_chunks(shortlist, lambda part: score_chunk(model, part, views, q_cache, r_cache, batch_size,
+                                                                  amp),
+                              empty, cache_dir, chunk_queries, rank, world, units_per_row=len(views),
+                              desc="pair scoring", progress=progress, on_chunk=on_chunk)
+    return rows, n_rows * len(views)
 
 
 def timed_pairs_per_second(model, n: int = 512, batch_size: int = 128, amp: bool = True) -> float:

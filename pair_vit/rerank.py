@@ -8,12 +8,14 @@ likely a copy).
 
 Reranked scores are calibrated probabilities, comparable across queries (`pair_vit.calibration`): with the
 shipped weights, the fit stored in the pair-ViT checkpoint (it fuses the pair logit with the descriptor
-similarity and its margin); the model card gives the score threshold with precision 90 on the dev benchmark.
+similarity, the SIFT RANSAC inliers of the pair (`pair_vit.verify`, `--verify sift`) and the margins of
+both); the model card gives the score threshold with precision 90 on the dev benchmark.
 
 Resuming: intermediate results live in a work folder (default OUTPUT.work/): the reference index (unless
 `--index DIR` names a shared one; an index built with another descriptor is refused), the shortlist, and
-the pair scores in chunks of `--chunk-queries` queries. A killed run restarted with the same arguments
-reuses them; each stage's cache is dropped when its inputs (images, weights, settings) change.
+the pair scores and the verification inliers in chunks of `--chunk-queries` queries (`pair_vit.cache`). A
+killed run restarted with the same arguments reuses them; each stage's cache is dropped when its inputs
+(images, weights, settings) change.
 
 Under `accelerate launch` (any number of processes, CPU or GPU) references, background photos and queries
 are split between the processes for embedding, the pair-scoring chunks are dealt out round-robin, and the
@@ -21,21 +23,18 @@ main process writes one submission, identical to a single-process run.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from pair_vit import data
+from pair_vit import cache, data
 from pair_vit import eval as evaluation
 from pair_vit import index as ix
 from pair_vit.calibration import Calibration
@@ -45,6 +44,7 @@ from pair_vit.multiview import VIEWS
 from pair_vit.pair_model import SHIPPED_WEIGHTS
 from pair_vit.pair_scoring import PAIR_VIEWS, VIEW_GROUPS, expand_views, score_shortlist
 from pair_vit.processes import Processes
+from pair_vit.verify import VERIFIERS, verify_shortlist
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class RerankConfig:
                                          "(pair_vit/weights/descriptor.pt)")
     pair_views: list = opt(["full"], f"query views scored by the pair ViT, max logit kept: {list(PAIR_VIEWS)} or "
                                      f"the groups {list(VIEW_GROUPS)}")
+    verify: str = opt("sift", "local verification of every shortlisted pair, fused into the score by the "
+                              "calibration: sift (RANSAC inliers of SIFT matches, ~0.1 s per query of 20 pairs "
+                              "on one core) or none (needs a calibration fitted without it)", choices=VERIFIERS)
     calibration: str = opt("checkpoint", "score calibration: checkpoint (the fit stored with the pair weights; "
                                          "plain sigmoid if none), none (sigmoid of the pair logit), or a JSON "
                                          "file written by scripts/calibrate.py")
@@ -98,8 +101,8 @@ class RerankConfig:
 @dataclass
 class Matches:
     """What `match` found: `rows` holds query_id, reference_id, score (descriptor similarity) and, when
-    reranked, logit_<view> per pair view and logit (their max); `calibration` turns (logit, score) into
-    the submission score."""
+    reranked, logit_<view> per pair view, logit (their max) and, when verified, inliers; `calibration` turns
+    them into the submission score."""
 
     rows: pd.DataFrame
     report: data.SkipReport
@@ -111,52 +114,12 @@ class Matches:
         """query_id, reference_id, score: calibrated pair score, or the similarity for a shortlist."""
         sub = self.rows[["query_id", "reference_id", "score"]].copy()
         if self.calibration is not None and "logit" in self.rows:
+            inliers = self.rows.inliers.to_numpy() if "inliers" in self.rows else None
             sub["score"] = self.calibration.apply(self.rows.logit.to_numpy(), self.rows.score.to_numpy(),
-                                                  self.rows.query_id.to_numpy())
+                                                  self.rows.query_id.to_numpy(), inliers)
         elif self.margin:
             sub["score"] = sub.score + ix.similarity_margin(sub.query_id.to_numpy(), sub.score.to_numpy())
         return sub
-
-
-# ----------------------------------------------------------------------------- caching
-
-
-def _digest(value: Any) -> str:
-    return hashlib.blake2b(json.dumps(value, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
-
-
-def _listing(images: Mapping[str, Path]) -> str:
-    """Digest of a folder listing: ids, paths, sizes and modification times (a changed file changes it)."""
-    rows = []
-    for image_id, path in sorted(images.items()):
-        st = Path(path).stat()
-        rows.append((image_id, str(path), st.st_size, st.st_mtime_ns))
-    return _digest(rows)
-
-
-def stage_dir(folder: Path, key: dict[str, Any], procs: Processes) -> Path:
-    """`folder` for a stage's cached results computed under `key`; emptied first when the key changed."""
-    digest = _digest(key)
-    if procs.is_main:
-        stamp = folder / "key.txt"
-        if not stamp.is_file() or stamp.read_text().strip() != digest:
-            if folder.exists():
-                log.info("inputs changed: dropping cached results in %s", folder)
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True)
-            write_text_atomic(stamp, digest + "\n")
-    procs.wait()
-    return folder
-
-
-def _save_report(path: Path, report: data.SkipReport) -> None:
-    write_text_atomic(path, json.dumps([[str(p), r] for p, r in report.entries]))
-
-
-def _load_report(path: Path, report: data.SkipReport) -> None:
-    if path.is_file():
-        for p, reason in json.loads(path.read_text()):
-            report.add(p, reason)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -243,12 +206,13 @@ def reference_index(procs: Processes, model, references: dict[str, Path], report
 def shortlist_stage(procs: Processes, model, queries: dict[str, Path], references: dict[str, Path],
                     report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
     """The k best references of every query by descriptor similarity (cached in the work folder)."""
-    key = {"queries": _listing(queries), "references": _listing(references), "model": ix.model_fingerprint(model),
+    key = {"queries": cache.listing(queries), "references": cache.listing(references),
+           "model": ix.model_fingerprint(model),
            **{k: getattr(cfg, k) for k in ("k", "views", "factory", "nprobe", "background", "background_n",
                                            "background_beta", "amp")}}
-    folder = stage_dir(work_folder(cfg) / "shortlist", key, procs)
+    folder = cache.stage_dir(work_folder(cfg) / "shortlist", key, procs)
     if (folder / "shortlist.csv").is_file():
-        _load_report(folder / "skipped.json", report)
+        cache.load_report(folder / "skipped.json", report)
         log.info("reusing the shortlist cached in %s", folder)
         return pd.read_csv(folder / "shortlist.csv", dtype={"query_id": str, "reference_id": str})
     index, stats["embedded"] = reference_index(procs, model, references, report, cfg,
@@ -272,7 +236,7 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
     text = pd.concat(procs.gather([mine]), ignore_index=True).to_csv(index=False, float_format="%.8g")
     _merge_reports(procs, report)
     if procs.is_main:
-        _save_report(folder / "skipped.json", report)
+        cache.save_report(folder / "skipped.json", report)
         write_text_atomic(folder / "shortlist.csv", text)
     return pd.read_csv(io.StringIO(text), dtype={"query_id": str, "reference_id": str})
 
@@ -302,10 +266,10 @@ def pair_stage(procs: Processes, model, shortlist: pd.DataFrame, queries: dict[s
                references: dict[str, Path], report: data.SkipReport, cfg: RerankConfig,
                stats: dict[str, float]) -> pd.DataFrame:
     """Pair-ViT logits for every shortlisted pair (cached chunk by chunk in the work folder)."""
-    key = {"shortlist": hashlib.blake2b(shortlist.to_csv(index=False).encode(), digest_size=12).hexdigest(),
+    key = {"shortlist": cache.digest(shortlist.to_csv(index=False)),
            "model": ix.model_fingerprint(model), "views": expand_views(cfg.pair_views),
            "chunk_queries": cfg.chunk_queries, "amp": cfg.amp}
-    folder = stage_dir(work_folder(cfg) / "pairs", key, procs)
+    folder = cache.stage_dir(work_folder(cfg) / "pairs", key, procs)
     start = time.perf_counter()
     rows, n_scored = score_shortlist(model, shortlist, queries, references, cfg.pair_views, report, folder,
                                      cfg.chunk_queries, cfg.batch_size, cfg.amp, procs.rank, procs.world,
@@ -313,6 +277,22 @@ def pair_stage(procs: Processes, model, shortlist: pd.DataFrame, queries: dict[s
     rows = pd.concat(procs.gather([rows]), ignore_index=True)
     stats["pairs_scored"] = float(sum(procs.gather([n_scored])))
     stats["pair_seconds"] = time.perf_counter() - start
+    _merge_reports(procs, report)
+    return rows
+
+
+def verify_stage(procs: Processes, shortlist: pd.DataFrame, queries: dict[str, Path], references: dict[str, Path],
+                 report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
+    """SIFT RANSAC inliers of every shortlisted pair: query_id, reference_id, inliers (cached chunk by chunk)."""
+    key = {"shortlist": cache.digest(shortlist.to_csv(index=False)),
+           "verify": cfg.verify, "chunk_queries": cfg.chunk_queries}
+    folder = cache.stage_dir(work_folder(cfg) / "verify", key, procs)
+    start = time.perf_counter()
+    rows, n_verified = verify_shortlist(shortlist, queries, references, report, folder, cfg.chunk_queries,
+                                        procs.rank, procs.world, progress=cfg.progress and procs.is_main)
+    rows = pd.concat(procs.gather([rows]), ignore_index=True)
+    stats["pairs_verified"] = float(sum(procs.gather([n_verified])))
+    stats["verify_seconds"] = time.perf_counter() - start
     _merge_reports(procs, report)
     return rows
 
@@ -329,6 +309,9 @@ def match(cfg: RerankConfig, load_model: Callable[[Path], Any] | None = None,
     checkpoint = resolve_checkpoint(cfg)
     report, stats = data.SkipReport(), {"queries": len(queries), "references": len(references)}
     pair = None if cfg.descriptor_only else load_pair(cfg)  # refuse a wrong checkpoint before any long work
+    if pair is not None and pair[2].needs_inliers and cfg.verify == "none":
+        raise ValueError("the score calibration uses SIFT verification (RANSAC inliers): drop --verify none, or "
+                         "pass --calibration none or a calibration fitted with scripts/calibrate.py --verify none")
     if not queries:
         log.warning("no query images in %s: writing a header-only submission", cfg.queries)
         return Matches(ix.empty_submission(), report, pair[2] if pair else None, stats)
@@ -340,8 +323,11 @@ def match(cfg: RerankConfig, load_model: Callable[[Path], Any] | None = None,
     rows = shortlist_stage(procs, model, queries, references, report, cfg, stats)
     if pair is None:
         return Matches(rows, report, None, stats, margin=cfg.margin)
-    rows = pair_stage(procs, pair[0].to(procs.device), rows, queries, references, report, cfg, stats)
-    return Matches(rows, report, pair[2], stats)
+    scored = pair_stage(procs, pair[0].to(procs.device), rows, queries, references, report, cfg, stats)
+    if cfg.verify != "none":
+        verified = verify_stage(procs, rows, queries, references, report, cfg, stats)
+        scored = scored.merge(verified, on=["query_id", "reference_id"], how="inner", validate="one_to_one")
+    return Matches(scored, report, pair[2], stats)
 
 
 def finalise(submission: pd.DataFrame, max_per_query: int) -> pd.DataFrame:
@@ -376,6 +362,8 @@ def summary_line(cfg: RerankConfig, found: Matches, n_rows: int, wall: float, wo
     if "pairs_scored" in s:
         rate = s["pairs_scored"] / max(s["pair_seconds"], 1e-9)
         line += f", {int(s['pairs_scored'])} pairs scored ({rate:.0f} pairs/s)"
+    if "pairs_verified" in s:
+        line += f", {int(s['pairs_verified'])} verified in {s['verify_seconds']:.1f} s"
     line += f", {n_rows} rows -> {cfg.output}; {wall:.1f} s wall"
     if s["queries"]:
         line += f", {wall / s['queries']:.3f} s/query"

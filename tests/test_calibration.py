@@ -98,3 +98,35 @@ def test_separability_by_hand():
     assert "4 shortlisted pairs (2 copies)" in line
     assert "pair logit 0.5000" in line and "descriptor similarity 1.0000" in line
     assert "undefined" in calibration.separability(logit, sim, np.zeros(4))
+
+
+def test_inlier_terms_by_hand():
+    cal = Calibration(w_logit=1.0, w_desc=0.0, bias=-2.0, w_inliers=0.5, w_inlier_margin=1.0)
+    q = np.array(["A", "A", "B"])
+    inliers = np.array([np.e - 1, 0.0, np.e ** 2 - 1])  # log1p: 1, 0, 2
+    # z = logit - 2 + 0.5 log1p(inliers) + margin of log1p(inliers) within the query (A: +1, -1; B alone: 0)
+    expected_z = np.array([0.0 - 2 + 0.5 + 1, 0.0 - 2 + 0.0 - 1, 1.0 - 2 + 1.0 + 0])
+    out = cal.apply(np.array([0.0, 0.0, 1.0]), np.zeros(3), q, inliers)
+    np.testing.assert_allclose(out, 1 / (1 + np.exp(-expected_z)), rtol=1e-9)
+    assert cal.needs_inliers and cal.fuses and not Calibration().needs_inliers
+    with pytest.raises(ValueError, match="SIFT verification"):
+        cal.apply(np.zeros(3), np.zeros(3), q)
+    with pytest.raises(ValueError, match="query ids"):
+        cal.apply(np.zeros(3), np.zeros(3), None, inliers)
+
+
+def test_inliers_are_learned_and_cross_fitted():
+    from pair_vit.eval import micro_average_precision
+
+    q, _, sim, labels = synthetic()
+    rng = np.random.default_rng(2)
+    logit = rng.normal(0, 1, len(labels))  # an uninformative pair model: the similarity and inliers must carry it
+    inliers = np.where(labels, rng.integers(5, 200, len(labels)), rng.integers(0, 12, len(labels)))
+    with_inl = fit(logit, sim, labels, query_ids=q, inliers=inliers)
+    assert with_inl.w_inliers > 0 and fit(logit, sim, labels, query_ids=q).w_inliers == 0.0
+    ap = lambda s: micro_average_precision(s, labels, int(labels.sum()))  # noqa: E731
+    honest = cross_fit(q, logit, sim, labels, inliers=inliers)
+    assert ap(honest) > ap(cross_fit(q, logit, sim, labels)) + 0.02
+    assert Calibration.from_dict(with_inl.to_dict()) == with_inl
+    line = calibration.separability(logit, sim, labels, inliers)
+    assert "SIFT inliers" in line

@@ -54,6 +54,8 @@ def test_every_matcher_gets_a_row(bench, checkpoint, pair_checkpoint, tmp_path):
     assert {("pdq", ""), ("phash", ""), ("sift", ""), ("descriptor", "full"), ("descriptor", "full+norm"),
             ("descriptor", "halves"), ("descriptor", "halves+norm"), ("rerank", "full"), ("rerank", "full +fused"),
             ("rerank", "full+center"), ("rerank", "full+center +fused")} <= variants
+    assert {("rerank", "full +fused +verified (cross-fit)"), ("rerank", "full+center +fused +verified (cross-fit)"),
+            ("rerank", "no pair ViT: descriptor +verified (cross-fit)")} <= variants
     assert {m for m, _ in variants} == {"pdq", "phash", "sift", "descriptor", "rerank"}
     assert (tmp_path / "pr_rerank_full+center_fused.png").is_file()
     assert (tmp_path / "rerank_full.csv").is_file() and (table["s/query"] > 0).all()

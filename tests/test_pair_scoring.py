@@ -57,11 +57,6 @@ def test_uint8_path_matches_preprocess():
     torch.testing.assert_close(x, preprocess(im, (16, 16)), atol=1e-5, rtol=0)
 
 
-def test_chunk_plan_is_sorted_and_independent_of_order():
-    assert ps.chunk_plan(["c", "a", "b", "a", "d"], 3) == [["a", "b", "c"], ["d"]]
-    assert ps.chunk_plan(["d", "c", "b", "a"], 3) == ps.chunk_plan(["a", "b", "c", "d"], 3)
-
-
 def test_tensor_cache_reports_bad_images_once(photos):
     report = data.SkipReport()
     cache = ps.TensorCache(photos, (16, 16), report, capacity=2)

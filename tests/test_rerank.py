@@ -288,3 +288,33 @@ def test_accelerate_two_processes_write_the_single_process_submission(folders, c
     assert len(single) == 6
     skipped = pd.read_csv(tmp_path / "multi.csv.skipped.csv")
     assert [Path(p).name for p in skipped.path] == ["Qbad.jpg"]
+
+
+def test_verification_inliers_are_fused_and_required_by_their_calibration(folders, checkpoint, tmp_path, capsys):
+    from pair_vit.calibration import Calibration
+    from pair_vit.pair_model import build_pair_model, default_model_args, save_pair_model
+
+    torch.manual_seed(0)
+    fitted = {**CALIBRATION, "w_inliers": 0.7, "w_inlier_margin": 0.3}
+    pair = tmp_path / "pair.pt"
+    save_pair_model(pair, build_pair_model(default_model_args(**PAIR_ARGS)), config={}, step=0,
+                    extra={"calibration": fitted})
+    queries, refs, truth = folders
+    sub = rerank.run(pair_config(queries, refs, tmp_path / "sub.csv", checkpoint, pair))
+    assert "6 verified" in capsys.readouterr().out
+    work = tmp_path / "sub.csv.work"
+    verified = pd.concat([pd.read_csv(p, dtype={"query_id": str, "reference_id": str})
+                          for p in sorted((work / "verify").glob("chunk_*.csv"))], ignore_index=True)
+    rows = read_chunks(work).merge(verified, on=["query_id", "reference_id"])
+    assert len(rows) == 6
+    own = rows.set_index(["query_id", "reference_id"]).inliers
+    for query, ref in zip(["Q1", "Q4"], truth):  # an exact copy matches itself far better than other photos
+        assert own[query, ref] > 3 * own[query].drop(ref).max()
+    expected = rows.assign(score=Calibration(**fitted).apply(rows.logit, rows.score, rows.query_id, rows.inliers))
+    merged = sub.merge(expected, on=["query_id", "reference_id"], suffixes=("", "_expected"))
+    np.testing.assert_allclose(merged.score, merged.score_expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="SIFT verification"):
+        rerank.run(pair_config(queries, refs, tmp_path / "b.csv", checkpoint, pair, verify="none"))
+    plain = rerank.run(pair_config(queries, refs, tmp_path / "c.csv", checkpoint, pair, verify="none",
+                                   calibration="none"))
+    assert len(plain) == 6 and not (tmp_path / "c.csv.work" / "verify").exists()

@@ -1,0 +1,110 @@
+"""Cached pipeline stages: a stage's results kept under a key of its inputs, and per-pair work over a
+shortlist cut into chunks of queries, resumable and shared between processes.
+
+`stage_dir(folder, key, procs)` gives a stage its folder, emptied first when `key` (a digest of the stage's
+inputs: image listings, model fingerprint, settings) changed since the results there were made, so a
+restarted run reuses exactly what is still valid.
+
+Both rescoring stages of `scripts/rerank.py` (pair-ViT logits, `pair_vit.pair_scoring`; SIFT verification,
+`pair_vit.verify`) are expensive per pair, so they run through `run_chunks`: the shortlist's queries, sorted
+by id, are cut into chunks of `chunk_queries` (the layout does not depend on the number of processes);
+process r of `world` computes the chunks c with c % world == r; each finished chunk is written atomically
+to `cache_dir/chunk_XXXXXX.csv` and a rerun reads it back instead of computing it again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import pandas as pd
+
+from pair_vit import data
+from pair_vit.io import atomic_path, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def digest(value: Any) -> str:
+    """A short hash of a JSON-able value (dict keys sorted)."""
+    return hashlib.blake2b(json.dumps(value, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+
+def listing(images: Mapping[str, Path]) -> str:
+    """Digest of a folder listing: ids, paths, sizes and modification times (a changed file changes it)."""
+    rows = []
+    for image_id, path in sorted(images.items()):
+        st = Path(path).stat()
+        rows.append((image_id, str(path), st.st_size, st.st_mtime_ns))
+    return digest(rows)
+
+
+def stage_dir(folder: Path, key: dict[str, Any], procs) -> Path:
+    """`folder` for a stage's cached results computed under `key`; emptied first when the key changed.
+    `procs`: a `pair_vit.processes.Processes` (the main process prepares the folder, the others wait)."""
+    stamp_text = digest(key)
+    if procs.is_main:
+        stamp = folder / "key.txt"
+        if not stamp.is_file() or stamp.read_text().strip() != stamp_text:
+            if folder.exists():
+                log.info("inputs changed: dropping cached results in %s", folder)
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            write_text_atomic(stamp, stamp_text + "\n")
+    procs.wait()
+    return folder
+
+
+def save_report(path: Path, report: data.SkipReport) -> None:
+    write_text_atomic(path, json.dumps([[str(p), r] for p, r in report.entries]))
+
+
+def load_report(path: Path, report: data.SkipReport) -> None:
+    if path.is_file():
+        for p, reason in json.loads(path.read_text()):
+            report.add(p, reason)
+
+
+def chunk_plan(query_ids: Sequence[str], chunk_queries: int) -> list[list[str]]:
+    """Sorted unique query ids cut into chunks of `chunk_queries` (the same for any number of processes)."""
+    ids = sorted(set(query_ids))
+    return [ids[i:i + chunk_queries] for i in range(0, len(ids), chunk_queries)]
+
+
+def run_chunks(shortlist: pd.DataFrame, compute: Callable[[pd.DataFrame], pd.DataFrame], empty: pd.DataFrame,
+               cache_dir: str | Path | None = None, chunk_queries: int = 32, rank: int = 0, world: int = 1,
+               float_format: str = "%.6g", units_per_row: int = 1, desc: str = "scoring",
+               progress: bool = False, on_chunk: Callable[[int], None] | None = None) -> tuple[pd.DataFrame, int]:
+    """`compute(rows)` over this process's chunks of `shortlist` (rows of whole queries in, rows out).
+
+    Returns (the concatenated outputs, or `empty` if this process has no chunk; the number of rows computed
+    by this call, i.e. not read back from `cache_dir`). `units_per_row`: progress units per shortlist row
+    (e.g. pair views). `on_chunk(units)` is called after each chunk (progress, throughput)."""
+    from tqdm import tqdm
+
+    by_query = dict(tuple(shortlist.groupby("query_id", sort=False)))
+    mine = [(c, ids) for c, ids in enumerate(chunk_plan(shortlist.query_id, chunk_queries)) if c % world == rank]
+    parts, n_computed = [], 0
+    bar = tqdm(total=sum(len(by_query[q]) for _, ids in mine for q in ids) * units_per_row, desc=desc,
+               unit="pair", disable=not progress, smoothing=0.1)
+    for c, ids in mine:
+        path = Path(cache_dir) / f"chunk_{c:06d}.csv" if cache_dir else None
+        rows = pd.concat([by_query[q] for q in ids], ignore_index=True)
+        if path is not None and path.is_file():
+            part = pd.read_csv(path, dtype={"query_id": str, "reference_id": str})
+        else:
+            part = compute(rows)
+            n_computed += len(part)
+            if path is not None:
+                with atomic_path(path) as tmp:
+                    part.to_csv(tmp, index=False, float_format=float_format)
+        parts.append(part)
+        bar.update(len(rows) * units_per_row)
+        if on_chunk:
+            on_chunk(len(part) * units_per_row)
+    bar.close()
+    parts = [p for p in parts if len(p)]  # a header-only chunk read back from CSV has no dtypes to keep
+    return (pd.concat(parts, ignore_index=True) if parts else empty), n_computed

@@ -1,0 +1,74 @@
+"""Local verification of shortlisted pairs: SIFT keypoints, Lowe's ratio test, RANSAC homography inliers.
+
+    rows, n = verify_shortlist(shortlist, queries, references, report, cache_dir="sub.csv.work/verify")
+    # rows: query_id, reference_id, inliers (int, higher = more likely a copy)
+
+A copy shares many keypoints with its reference in one geometric arrangement (a crop, a rotation, a paste
+is a homography of the reference), a look-alike photo shares few: the count of RANSAC inliers is a
+signal neither the global descriptor nor the pair ViT gives. It is a calibration feature
+(`pair_vit.calibration`: log1p(inliers) and its margin over the query's other candidates), not a score of
+its own. Measured on the dev benchmark's k=20 shortlists (10,000 pairs, cross-fitted logistic regression
+on descriptor similarity, its margin and the two inlier features): uAP 0.575 without verification, 0.726
+with it, for about 0.1 s per query (20 pairs) on one CPU core.
+
+Keypoints come from `pair_vit.baselines.sift_features` (RootSIFT, 400 keypoints, longest side 384 px), the
+same as the SIFT peer; reference keypoints stay in a bounded cache across chunks. Work is chunked, resumable
+and shared between processes as pair scoring is (`pair_vit.cache`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pair_vit import data
+from pair_vit.baselines import ransac_inliers, sift_features
+from pair_vit.cache import run_chunks
+from pair_vit.pair_scoring import TensorCache
+
+VERIFIERS = ("sift", "none")
+SIFT_SIDE = 384  # images are decoded at this longest side; sift_features works at it
+
+
+class KeypointCache(TensorCache):
+    """SIFT keypoints of decoded images: (xy float32 (n, 2), RootSIFT float16 (n, 128)), or None if unreadable.
+    float16 halves the memory of a large reference cache; matching converts back to float32."""
+
+    def __init__(self, paths: Mapping[str, Path], report: data.SkipReport, capacity: int = 4000):
+        super().__init__(paths, (SIFT_SIDE, SIFT_SIDE), report, capacity=capacity, load_side=SIFT_SIDE)
+
+    def convert(self, image: Image.Image):
+        xy, desc = sift_features(image, max_side=SIFT_SIDE)
+        return xy, desc.astype(np.float16)
+
+
+def _inliers(a, b) -> int:
+    return ransac_inliers((a[0], a[1].astype(np.float32)), (b[0], b[1].astype(np.float32)))
+
+
+def verify_chunk(rows: pd.DataFrame, query_cache: KeypointCache, ref_cache: KeypointCache) -> pd.DataFrame:
+    """query_id, reference_id, inliers (int) for the pairs of `rows` whose two images could be read."""
+    q_feats = {q: query_cache.get(q) for q in rows.query_id.unique()}
+    readable = [q_feats[q] is not None and ref_cache.get(r) is not None
+                for q, r in zip(rows.query_id, rows.reference_id)]
+    keep = rows.loc[readable, ["query_id", "reference_id"]].reset_index(drop=True)
+    counts = [_inliers(q_feats[q], ref_cache.get(r)) for q, r in zip(keep.query_id, keep.reference_id)]
+    return keep.assign(inliers=np.asarray(counts, dtype=np.int64))
+
+
+def verify_shortlist(shortlist: pd.DataFrame, queries: Mapping[str, Path], references: Mapping[str, Path],
+                     report: data.SkipReport, cache_dir: str | Path | None = None, chunk_queries: int = 32,
+                     rank: int = 0, world: int = 1, progress: bool = False,
+                     on_chunk: Callable[[int], None] | None = None) -> tuple[pd.DataFrame, int]:
+    """RANSAC inliers for this process's chunks of `shortlist` (query_id, reference_id, ...).
+
+    Returns (query_id, reference_id, inliers, see `verify_chunk`; number of pairs verified by this call, i.e. not read
+    back from `cache_dir`). Unreadable images go to `report` and their pairs get no row."""
+    q_cache = KeypointCache(queries, report, capacity=max(1, chunk_queries))
+    r_cache = KeypointCache(references, report)
+    empty = shortlist.iloc[:0][["query_id", "reference_id"]].assign(inliers=np.zeros(0, np.int64))
+    return run_chunks(shortlist, lambda part: verify_chunk(part, q_cache, r_cache), empty, cache_dir,
+                      chunk_queries, rank, world, desc="verification", progress=progress, on_chunk=on_chunk)

@@ -1,0 +1,55 @@
+"""pair_vit.verify: SIFT RANSAC inliers of shortlisted pairs, unreadable images, resumable chunks."""
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pair_vit import data
+from pair_vit import verify as V
+
+
+@pytest.fixture(scope="module")
+def photos(train_photos, tmp_path_factory):
+    """Three demo photos, an edited copy of the first (cropped, shrunk, JPEG) and an unreadable file."""
+    out = tmp_path_factory.mktemp("verify")
+    paths = sorted(data.list_images(train_photos).values())[:3]
+    images = {f"P{i}": p for i, p in enumerate(paths)}
+    original = data.load_image(paths[0])
+    w, h = original.size
+    original.crop((w // 8, h // 8, w, h)).resize((w // 2, h // 2)).save(out / "copy.jpg", quality=60)
+    (out / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return {**images, "copy": out / "copy.jpg", "bad": out / "bad.jpg"}
+
+
+def shortlist(query, refs):
+    return pd.DataFrame([(query, r, 0.5) for r in refs], columns=["query_id", "reference_id", "score"])
+
+
+def test_a_copy_has_many_more_inliers_than_other_photos(photos):
+    report = data.SkipReport()
+    rows = shortlist("copy", ["P0", "P1", "P2", "bad"])
+    out = V.verify_chunk(rows, V.KeypointCache(photos, report), V.KeypointCache(photos, report)).set_index(
+        "reference_id")
+    assert list(out.columns) == ["query_id", "inliers"] and "bad" not in out.index  # no row for it
+    assert out.inliers["P0"] >= 20 and out.inliers["P0"] > 3 * max(out.inliers["P1"], out.inliers["P2"], 1)
+    assert len(report) == 1 and "bad.jpg" in str(report.entries[0][0])
+
+
+def test_keypoints_are_stored_in_float16_and_an_image_matches_itself():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).resize((256, 256), Image.NEAREST)
+    features = V.KeypointCache.convert(None, image)
+    assert features[1].dtype == np.float16 and V._inliers(features, features) >= 20
+
+
+def test_verify_shortlist_resumes_from_cached_chunks(photos, tmp_path, monkeypatch):
+    rows = pd.concat([shortlist(q, ["P0", "P1"]) for q in ("copy", "P2", "bad")], ignore_index=True)
+    first, n_first = V.verify_shortlist(rows, photos, photos, data.SkipReport(), tmp_path, chunk_queries=1)
+    assert n_first == 4 and set(first.query_id) == {"copy", "P2"}  # the unreadable query gets no rows
+    (tmp_path / "chunk_000002.csv").unlink()  # as if killed during the last query ("copy")
+    calls = []
+    real = V.verify_chunk
+    monkeypatch.setattr(V, "verify_chunk", lambda *a: calls.append(1) or real(*a))
+    again, n_again = V.verify_shortlist(rows, photos, photos, data.SkipReport(), tmp_path, chunk_queries=1)
+    assert len(calls) == 1 and n_again == 2
+    pd.testing.assert_frame_equal(first, again)
