@@ -165,7 +165,8 @@ class CalibrateConfig:
     descriptor_checkpoint: str = opt("", "descriptor checkpoint (default: the shipped weights)")
     k: int = opt(20, "shortlist size, as scripts/rerank.py --k")
     pair_views: list = opt(["full"], "pair-ViT query views, as scripts/rerank.py --pair-views")
-    views: str = opt("full", "descriptor query views of the shortlist", choices=("full", "halves", "grid"))
+    views: str = opt("halves", "descriptor query views of the shortlist, as scripts/rerank.py --views",
+                     choices=("full", "halves", "grid"))
     fuse: bool = opt(True, "fuse the descriptor similarity into the score (--no-fuse: logit only)")
     margin: bool = opt(True, "with --fuse, also the similarity margin to the query's best other candidate")
     verify: str = opt("sift", "local verification of the shortlisted pairs, fused into the score: sift (RANSAC "
@@ -198,8 +199,8 @@ def run(cfg: CalibrateConfig) -> Calibration:
     plain = evaluation.evaluate(rows[["query_id", "reference_id"]].assign(score=Calibration().apply(logit, sim)), gt)
     cal = fit(logit, sim, labels, cfg.fuse, queries if cfg.margin else None, inliers)
     cal.threshold_p90 = honest.threshold_at_p90
-    cal.fitted_on = (f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, pair views {list(cfg.pair_views)}, "
-                     f"verify {cfg.verify}")
+    cal.fitted_on = (f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, views {cfg.views}, pair views "
+                     f"{list(cfg.pair_views)}, verify {cfg.verify}")
     write_text_atomic(out, json.dumps(cal.to_dict(), indent=2) + "\n")
     print(f"{separability(logit, sim, labels, inliers)}\n"
           f"sigmoid(logit): uAP {plain.uap:.4f}, recall@P90 {plain.recall_at_p90:.4f}\n"

@@ -49,7 +49,7 @@ class CompareConfig:
     pair_views: list = opt(["full", "center", "halves", "rotations", "hflip"],
                            "pair-ViT query views scored once; rows for full alone, full + each other view or "
                            "group, and all of them")
-    shortlist_views: str = opt("full", "descriptor query views for the reranker's shortlist",
+    shortlist_views: str = opt("halves", "descriptor query views for the reranker's shortlist (as rerank.py --views)",
                                choices=("full", "halves", "grid"))
     rerank_k: int = opt(20, "shortlist size the pair ViT rescores")
     verify: str = opt("sift", "local verification of the reranker's pairs (rows with and without it): sift or "
