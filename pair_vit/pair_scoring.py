@@ -92,7 +92,8 @@ def to_uint8(image: Image.Image, half_size: Sequence[int]) -> torch.Tensor:
 class TensorCache:
     """Decoded images as uint8 tensors at the model's half size, least recently used dropped past `capacity`.
 
-    `get(id)` returns None for an image that cannot be read (recorded once in `report`)."""
+    `get(id)` returns None for an image that cannot be read (recorded once in `report`). Subclasses keep
+    something else per image by overriding `convert` (`pair_vit.verify.KeypointCache`: SIFT keypoints)."""
 
     def __init__(self, paths: Mapping[str, Path], half_size: Sequence[int], report: data.SkipReport,
                  capacity: int = 20000, load_side: int = LOAD_SIDE):
