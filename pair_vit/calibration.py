@@ -55,21 +55,10 @@ class Calibration:
         """(N,) logits, (N,) descriptor similarities and, if the fit uses them, the (N,) query ids of a whole
         shortlist (margins) and the (N,) RANSAC inliers -> (N,) float64 scores in (0, 1) (float64: confident
         pairs would otherwise all round to exactly 1.0 and tie)."""
-        z = self.w_logit * np.asarray(logit, np.float64) + self.w_desc * np.asarray(similarity, np.float64) \
-            + self.bias
-        if (self.w_margin or self.w_inlier_margin) and query_ids is None:
-            raise ValueError("this calibration uses margins over the query's other candidates: pass the pairs' "
-                             "query ids")
-        if self.w_margin:
-            z = z + self.w_margin * similarity_margin(query_ids, similarity)
-        if self.needs_inliers:
-            if inliers is None:
-                raise ValueError("this calibration uses SIFT verification: pass the pairs' RANSAC inliers "
-                                 "(scripts/rerank.py --verify sift)")
-            verified = np.log1p(np.asarray(inliers, np.float64))
-            z = z + self.w_inliers * verified
-            if self.w_inlier_margin:
-                z = z + self.w_inlier_margin * similarity_margin(query_ids, verified)
+        used = [name for name in FEATURES if getattr(self, name)]
+        columns = features(used, logit, similarity, query_ids, inliers)
+        z = self.bias + sum((getattr(self, name) * col for name, col in columns.items()),
+                            np.zeros(len(np.asarray(logit)), np.float64))
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
     @property
@@ -98,18 +87,23 @@ class Calibration:
             raise ValueError(f"calibration file {path}: {err}") from None
 
 
-def _features(logit, similarity, fuse: bool, query_ids, inliers) -> dict[str, np.ndarray]:
-    """The regressors of `fit`, by the Calibration weight each one gets."""
-    columns = {"w_logit": np.asarray(logit, np.float64)}
-    if fuse:
-        columns["w_desc"] = np.asarray(similarity, np.float64)
-        if query_ids is not None:
-            columns["w_margin"] = similarity_margin(query_ids, similarity)
-        if inliers is not None:
-            columns["w_inliers"] = np.log1p(np.asarray(inliers, np.float64))
-            if query_ids is not None:
-                columns["w_inlier_margin"] = similarity_margin(query_ids, columns["w_inliers"])
-    return columns
+FEATURES = ("w_logit", "w_desc", "w_margin", "w_inliers", "w_inlier_margin")  # Calibration weight of each
+
+
+def features(names, logit, similarity, query_ids=None, inliers=None) -> dict[str, np.ndarray]:
+    """The score features `names` (Calibration weight names, see FEATURES) of N pairs, as (N,) float64 arrays;
+    a margin needs the pairs' query ids (whole shortlists), an inlier feature their RANSAC inliers."""
+    if query_ids is None and {"w_margin", "w_inlier_margin"} & set(names):
+        raise ValueError("this calibration uses margins over the query's other candidates: pass the pairs' "
+                         "query ids")
+    if inliers is None and {"w_inliers", "w_inlier_margin"} & set(names):
+        raise ValueError("this calibration uses SIFT verification: pass the pairs' RANSAC inliers "
+                         "(scripts/rerank.py --verify sift)")
+    verified = None if inliers is None else np.log1p(np.asarray(inliers, np.float64))
+    make = {"w_logit": lambda: logit, "w_desc": lambda: similarity,
+            "w_margin": lambda: similarity_margin(query_ids, similarity), "w_inliers": lambda: verified,
+            "w_inlier_margin": lambda: similarity_margin(query_ids, verified)}
+    return {name: np.asarray(make[name](), np.float64) for name in names}
 
 
 def fit(logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray, fuse: bool = True,
@@ -121,7 +115,11 @@ def fit(logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray, fuse: boo
     labels = np.asarray(labels).astype(int)
     if labels.min(initial=1) == labels.max(initial=0):
         raise ValueError("calibration needs both true copies and non-copies among the scored pairs")
-    columns = _features(logit, similarity, fuse, query_ids, inliers)
+    names = ["w_logit"]
+    if fuse:
+        names += ["w_desc"] + (["w_margin"] if query_ids is not None else [])
+        names += (["w_inliers"] + (["w_inlier_margin"] if query_ids is not None else [])) if inliers is not None else []
+    columns = features(names, logit, similarity, query_ids, inliers)
     lr = LogisticRegression(C=100.0, max_iter=2000).fit(np.stack(list(columns.values()), axis=1), labels)
     weights = {name: float(w) for name, w in zip(columns, lr.coef_[0])}
     return Calibration(**weights, bias=float(lr.intercept_[0]),
