@@ -34,6 +34,7 @@ import numpy as np
 
 from pair_vit.config import opt
 from pair_vit.index import similarity_margin
+from pair_vit.multiview import VIEWS
 
 
 @dataclass
@@ -163,8 +164,8 @@ class CalibrateConfig:
     descriptor_checkpoint: str = opt("", "descriptor checkpoint (default: the shipped weights)")
     k: int = opt(20, "shortlist size, as scripts/rerank.py --k")
     pair_views: list = opt(["full"], "pair-ViT query views, as scripts/rerank.py --pair-views")
-    views: str = opt("halves", "descriptor query views of the shortlist, as scripts/rerank.py --views",
-                     choices=("full", "halves", "grid"))
+    views: str = opt("regions", "descriptor query views of the shortlist, as scripts/rerank.py --views",
+                     choices=VIEWS)
     fuse: bool = opt(True, "fuse the descriptor similarity into the score (--no-fuse: logit only)")
     margin: bool = opt(True, "with --fuse, also the similarity margin to the query's best other candidate")
     verify: str = opt("sift", "local verification of the shortlisted pairs, fused into the score: sift (RANSAC "

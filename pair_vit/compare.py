@@ -26,6 +26,7 @@ from pair_vit import baselines, data
 from pair_vit import eval as evaluation
 from pair_vit.config import opt, save_config
 from pair_vit.io import atomic_path, write_text_atomic
+from pair_vit.multiview import VIEWS
 
 RECALL_KS = (1, 5, 10, 20, 50)
 
@@ -39,7 +40,8 @@ class CompareConfig:
     methods: list = opt(["pdq", "phash", "sift", "descriptor", "rerank"], "matchers to run")
     k: int = opt(50, "predictions per query (recall@k is reported up to this k)")
     descriptor_checkpoint: str = opt("", "descriptor weights (default: the ones shipped in the package)")
-    views: list = opt(["full", "halves"], "descriptor query-view settings to compare (full, halves, grid)")
+    views: list = opt(["full", "halves", "regions"], "descriptor query-view settings to compare (full, halves, "
+                                                      "grid, regions)")
     background: str = opt("", "folder of photos for score normalisation (its train split is used; must not "
                               "overlap the benchmark); empty: no normalised rows")
     background_split: str = opt("train", "which side of the fixed split of --background to use",
@@ -49,8 +51,8 @@ class CompareConfig:
     pair_views: list = opt(["full", "center", "halves", "rotations", "hflip"],
                            "pair-ViT query views scored once; rows for full alone, full + each other view or "
                            "group, and all of them")
-    shortlist_views: str = opt("halves", "descriptor query views for the reranker's shortlist (as rerank.py --views)",
-                               choices=("full", "halves", "grid"))
+    shortlist_views: str = opt("regions", "descriptor query views for the reranker's shortlist (as rerank.py --views)",
+                               choices=VIEWS)
     rerank_k: int = opt(20, "shortlist size the pair ViT rescores")
     verify: str = opt("sift", "local verification of the reranker's pairs (rows with and without it): sift or "
                               "none", choices=("sift", "none"))

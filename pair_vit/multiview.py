@@ -12,6 +12,8 @@ the image (left, top, right, bottom):
     "full"    1 view:  the whole image
     "halves"  5 views: the whole image + left, right, top and bottom halves
     "grid"   14 views: the "halves" views + the 9 cells of a 3x3 grid
+    "regions" 5-11 views: the "halves" views + up to 6 rectangles bounded by straight edges that
+             `pair_vit.regions.propose` finds in the image (collage cells, pasted photos)
 
 Cost: a query costs (number of views) descriptor forward passes and faiss searches, i.e. 5x ("halves") or
 14x ("grid") the "full" cost; images are decoded once per query, whatever the number of views. References
@@ -44,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pair_vit import data
+from pair_vit import data, regions
 
 log = logging.getLogger(__name__)
 
@@ -57,28 +59,37 @@ VIEW_BOXES: dict[str, list[tuple[float, float, float, float]]] = {
     "halves": _FULL + _HALVES,
     "grid": _FULL + _HALVES + _GRID,
 }
-VIEWS = tuple(VIEW_BOXES)
+# Image-dependent view sets: their fixed boxes, completed per image by `regions.propose`.
+_PROPOSED = {"regions": "halves"}
+VIEWS = (*VIEW_BOXES, *_PROPOSED)
 
 # Longest side an image is decoded at, in multiples of the descriptor input size: a half or a grid cell
 # still gets about `image_size` pixels across, and JPEGs decode faster at reduced scale.
-DECODE_SCALE = {"full": 2, "halves": 2, "grid": 3}
+DECODE_SCALE = {"full": 2, "halves": 2, "grid": 3, "regions": 3}
 
 
 def check_views(views: str) -> str:
-    if views not in VIEW_BOXES:
+    if views not in VIEWS:
         raise ValueError(f"unknown views {views!r}; choose from {list(VIEWS)}")
     return views
 
 
 def n_views(views: str) -> int:
-    """Number of descriptors computed per query image for `views`."""
-    return len(VIEW_BOXES[check_views(views)])
+    """Number of descriptors computed per query image for `views` (at most, for proposed regions)."""
+    if check_views(views) in _PROPOSED:
+        return n_views(_PROPOSED[views]) + regions.ProposalConfig.max_boxes
+    return len(VIEW_BOXES[views])
 
 
-def view_boxes(width: int, height: int, views: str) -> list[tuple[int, int, int, int]]:
-    """Pixel boxes (left, top, right, bottom) of the views of a width x height image; never empty."""
+def view_boxes(width: int, height: int, views: str,
+               extra: list[tuple[float, float, float, float]] = ()) -> list[tuple[int, int, int, int]]:
+    """Pixel boxes (left, top, right, bottom) of the views of a width x height image; never empty.
+
+    `extra`: more boxes in fractions of the image, after the fixed ones (proposed regions).
+    """
     boxes = []
-    for left, top, right, bottom in VIEW_BOXES[check_views(views)]:
+    fixed = VIEW_BOXES[_PROPOSED.get(check_views(views), views)]
+    for left, top, right, bottom in [*fixed, *extra]:
         x0, y0 = min(int(round(left * width)), width - 1), min(int(round(top * height)), height - 1)
         x1, y1 = max(x0 + 1, int(round(right * width))), max(y0 + 1, int(round(bottom * height)))
         boxes.append((x0, y0, min(x1, width), min(y1, height)))
@@ -86,9 +97,11 @@ def view_boxes(width: int, height: int, views: str) -> list[tuple[int, int, int,
 
 
 def crop_views(image, views: str) -> list:
-    """The views of a PIL image, as PIL images, in `VIEW_BOXES[views]` order (the full image first)."""
+    """The views of a PIL image, as PIL images, in `VIEW_BOXES[views]` order (the full image first),
+    then for "regions" the proposed rectangles."""
+    extra = regions.propose(image) if check_views(views) in _PROPOSED else []
     return [image if box == (0, 0, *image.size) else image.crop(box)
-            for box in view_boxes(image.width, image.height, views)]
+            for box in view_boxes(image.width, image.height, views, extra)]
 
 
 def merge_views(scores: np.ndarray, ref_ids: np.ndarray, view_owner: np.ndarray, query_ids: list[str],
