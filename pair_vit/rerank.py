@@ -44,6 +44,7 @@ from pair_vit.multiview import VIEWS
 from pair_vit.pair_model import SHIPPED_WEIGHTS
 from pair_vit.pair_scoring import PAIR_VIEWS, VIEW_GROUPS, expand_views, score_shortlist
 from pair_vit.processes import Processes
+from pair_vit.verify import METHOD as VERIFY_METHOD
 from pair_vit.verify import VERIFIERS, verify_shortlist
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ def verify_stage(procs: Processes, shortlist: pd.DataFrame, queries: dict[str, P
                  report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
     """SIFT RANSAC inliers of every shortlisted pair: query_id, reference_id, inliers (cached chunk by chunk)."""
     key = {"shortlist": cache.digest(shortlist.to_csv(index=False)),
-           "verify": cfg.verify, "chunk_queries": cfg.chunk_queries}
+           "verify": cfg.verify, "method": VERIFY_METHOD, "chunk_queries": cfg.chunk_queries}
     folder = cache.stage_dir(work_folder(cfg) / "verify", key, procs)
     start = time.perf_counter()
     rows, n_verified = verify_shortlist(shortlist, queries, references, report, folder, cfg.chunk_queries,

@@ -2,7 +2,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pair_vit import data
 from pair_vit import verify as V
@@ -38,8 +38,20 @@ def test_a_copy_has_many_more_inliers_than_other_photos(photos):
 def test_keypoints_are_stored_in_float16_and_an_image_matches_itself():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).resize((256, 256), Image.NEAREST)
-    features = V.KeypointCache.convert(None, image)
-    assert features[1].dtype == np.float16 and V._inliers(features, features) >= 20
+    features = V.keypoints(image)
+    assert features[1].dtype == np.float16 and V._inliers([features], [features]) >= 20
+
+
+def test_an_inverted_copy_is_verified_through_the_inverted_query(photos, tmp_path):
+    inverted = tmp_path / "inverted.png"
+    ImageOps.invert(data.load_image(photos["P0"])).save(inverted)
+    paths = {**photos, "inverted": inverted}
+    rows = shortlist("inverted", ["P0", "P1"])
+    plain = V.verify_chunk(rows, V.KeypointCache(paths, data.SkipReport()), V.KeypointCache(paths, data.SkipReport()))
+    both = V.verify_chunk(rows, V.KeypointCache(paths, data.SkipReport(), inverted=True),
+                          V.KeypointCache(paths, data.SkipReport())).set_index("reference_id")
+    assert plain.inliers.max() < 10  # SIFT alone misses the inverted copy
+    assert both.inliers["P0"] >= 20 and both.inliers["P0"] > 3 * max(both.inliers["P1"], 1)
 
 
 def test_verify_shortlist_resumes_from_cached_chunks(photos, tmp_path, monkeypatch):
