@@ -108,19 +108,36 @@ def sift_features(image, max_side: int = 384, n_features: int = 400) -> tuple[np
     return np.array([kp.pt for kp in keypoints], np.float32), desc
 
 
-def ransac_inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], ratio: float = 0.8) -> int:
-    """Inliers of a RANSAC homography between two (xy, descriptors) sets after Lowe's ratio test."""
+def ransac_inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], ratio: float = 0.8,
+                   one_to_one: bool = False, model: str = "homography") -> int:
+    """Inliers of a RANSAC geometric model between two (xy, descriptors) sets after Lowe's ratio test.
+
+    one_to_one: keep only the closest of the matches that land on the same keypoint of b, so a few
+    distinctive keypoints matched many times over cannot carry a model alone. model: "homography" or
+    "affine" (8 px reprojection threshold; mild perspective fits an affine model within it).
+    """
     import cv2
 
     if len(a[1]) < 2 or len(b[1]) < 2:
         return 0
     matches = cv2.BFMatcher(cv2.NORM_L2).knnMatch(a[1], b[1], k=2)
     good = [m for m, n in (p for p in matches if len(p) == 2) if m.distance < ratio * n.distance]
+    if one_to_one:
+        closest = {}
+        for m in good:
+            if m.trainIdx not in closest or m.distance < closest[m.trainIdx].distance:
+                closest[m.trainIdx] = m
+        good = list(closest.values())
     if len(good) < 4:
         return 0
     src = a[0][[m.queryIdx for m in good]]
     dst = b[0][[m.trainIdx for m in good]]
-    _, mask = cv2.findHomography(src, dst, cv2.RANSAC, 8.0)
+    if model == "affine":
+        _, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=8.0)
+    elif model == "homography":
+        _, mask = cv2.findHomography(src, dst, cv2.RANSAC, 8.0)
+    else:
+        raise ValueError(f"unknown geometric model {model!r}: homography or affine")
     return int(mask.sum()) if mask is not None else 0
 
 

@@ -55,3 +55,28 @@ def test_sift_finds_a_cropped_rotated_copy(tmp_path):
 def test_ransac_inliers_needs_matches():
     empty = (np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
     assert baselines.ransac_inliers(empty, empty) == 0
+
+
+def _unit_rows(rng, n):
+    d = rng.random((n, 128)).astype(np.float32)
+    return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("model", ["homography", "affine"])
+def test_ransac_inliers_counts_an_affine_map(model):
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 300, (60, 2)).astype(np.float32)
+    desc = _unit_rows(rng, 60)
+    moved = (xy @ np.array([[0.8, 0.3], [-0.3, 0.8]], np.float32).T + [20, 5]).astype(np.float32)
+    assert baselines.ransac_inliers((xy, desc), (moved, desc), one_to_one=True, model=model) == 60
+
+
+def test_one_to_one_matching_refuses_many_matches_on_one_keypoint():
+    # ten query keypoints look like the same reference keypoint (a repeated pattern): one match, not ten
+    rng = np.random.default_rng(1)
+    d0 = _unit_rows(rng, 1)
+    query = (rng.uniform(0, 300, (10, 2)).astype(np.float32), np.repeat(d0, 10, axis=0))
+    ref = (rng.uniform(0, 300, (6, 2)).astype(np.float32), np.concatenate([d0, -_unit_rows(rng, 5)]))
+    assert baselines.ransac_inliers(query, ref, one_to_one=True, model="affine") == 0
+    with pytest.raises(ValueError, match="unknown geometric model"):
+        baselines.ransac_inliers(query, ref, model="similarity")
