@@ -14,10 +14,12 @@ with it, for about 0.1 s per query (20 pairs) on one CPU core.
 Keypoints come from `pair_vit.baselines.sift_features` (RootSIFT), 800 per image at a longest side of 512 px
 (the SIFT peer: 400 at 384 px); reference keypoints stay in a bounded cache across chunks. Work is chunked, resumable
 and shared between processes as pair scoring is (`pair_vit.cache`). Queries are matched twice,
-as they are and photometrically inverted, and the pair keeps the larger inlier count: inversion turns every
-gradient around, so the SIFT descriptors of an inverted copy match nothing of its reference. Measured on the
-dev benchmark's k=20 "regions" shortlists (10,000 pairs, fused cross-fit): uAP 0.792 -> 0.833 (inliers
-ROC-AUC 0.899 -> 0.930); matching mirrored queries as well gave 0.831, so it is not done.
+as they are, photometrically inverted and mirrored (`QUERY_VARIANTS`), and the pair keeps the largest inlier
+count: inversion turns every gradient around and mirroring reverses the descriptor layout, so the SIFT
+descriptors of an inverted or mirrored copy match nothing of its reference. Measured on the dev benchmark's
+k=20 "regions" shortlists (10,000 pairs, fused cross-fit): the inverted query lifted uAP 0.792 -> 0.833
+(inliers ROC-AUC 0.899 -> 0.930); the mirrored one, added after the matching changes below, 0.855 -> 0.863
+(tuning benchmark 0.880 -> 0.886). A fourth variant, mirrored and inverted, gave 0.887 / 0.862: not kept.
 
 Matches are one-to-one (of the query keypoints matched to the same reference keypoint only the closest
 counts) and the geometric model is affine, not the SIFT peer's homography: look-alike photos and repeated
@@ -29,7 +31,7 @@ uAP: 0.861 (many-to-one, homography) -> 0.872 (one-to-one) -> 0.874 (one-to-one,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -48,7 +50,11 @@ SIFT_SIDE = 512
 N_FEATURES = 800
 # What the inlier counts mean; part of the cache key of `scripts/rerank.py`'s verification stage, so
 # counts from another method are never read back.
-METHOD = f"rootsift-{SIFT_SIDE}px-{N_FEATURES}kp-one-to-one-affine-ransac+inverted-query"
+# Query variants matched against each reference (references are matched as they are).
+QUERY_VARIANTS = ("original", "inverted", "mirrored")
+_VARIANTS = {"original": lambda im: im, "inverted": lambda im: ImageOps.invert(im.convert("RGB")),
+             "mirrored": ImageOps.mirror}
+METHOD = f"rootsift-{SIFT_SIDE}px-{N_FEATURES}kp-one-to-one-affine-ransac, query {'+'.join(QUERY_VARIANTS)}"
 
 
 def keypoints(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
@@ -59,18 +65,20 @@ def keypoints(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 class KeypointCache(TensorCache):
-    """SIFT keypoints of decoded images: a list of `keypoints` (one per variant of the image), or None if
-    unreadable. `inverted`: also keep the keypoints of the photometric inverse (for queries). A cached
-    image takes up to 200 KB (800 keypoints), so the default capacity holds about 400 MB."""
+    """SIFT keypoints of decoded images: a list of `keypoints`, one per variant of the image (names in
+    `_VARIANTS`; queries use `QUERY_VARIANTS`), or None if unreadable. A variant of a cached image takes up
+    to 200 KB (800 keypoints), so the default capacity holds about 400 MB of references."""
 
     def __init__(self, paths: Mapping[str, Path], report: data.SkipReport, capacity: int = 2000,
-                 inverted: bool = False):
+                 variants: Sequence[str] = ("original",)):
         super().__init__(paths, (SIFT_SIDE, SIFT_SIDE), report, capacity=capacity, load_side=SIFT_SIDE)
-        self.inverted = inverted
+        unknown = set(variants) - set(_VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown image variants {sorted(unknown)}; choose from {list(_VARIANTS)}")
+        self.variants = tuple(variants)
 
     def convert(self, image: Image.Image):
-        variants = [image, ImageOps.invert(image.convert("RGB"))] if self.inverted else [image]
-        return [keypoints(v) for v in variants]
+        return [keypoints(_VARIANTS[v](image)) for v in self.variants]
 
 
 def _inliers(query_variants, ref_variants) -> int:
@@ -98,7 +106,7 @@ def verify_shortlist(shortlist: pd.DataFrame, queries: Mapping[str, Path], refer
 
     Returns (query_id, reference_id, inliers, see `verify_chunk`; number of pairs verified by this call, i.e. not read
     back from `cache_dir`). Unreadable images go to `report` and their pairs get no row."""
-    q_cache = KeypointCache(queries, report, capacity=max(1, chunk_queries), inverted=True)
+    q_cache = KeypointCache(queries, report, capacity=max(1, chunk_queries), variants=QUERY_VARIANTS)
     r_cache = KeypointCache(references, report)
     empty = shortlist.iloc[:0][["query_id", "reference_id"]].assign(inliers=np.zeros(0, np.int64))
     return run_chunks(shortlist, lambda part: verify_chunk(part, q_cache, r_cache), empty, cache_dir,

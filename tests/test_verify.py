@@ -42,16 +42,22 @@ def test_keypoints_are_stored_in_float16_and_an_image_matches_itself():
     assert features[1].dtype == np.float16 and V._inliers([features], [features]) >= 20
 
 
-def test_an_inverted_copy_is_verified_through_the_inverted_query(photos, tmp_path):
-    inverted = tmp_path / "inverted.png"
-    ImageOps.invert(data.load_image(photos["P0"])).save(inverted)
-    paths = {**photos, "inverted": inverted}
-    rows = shortlist("inverted", ["P0", "P1"])
-    plain = V.verify_chunk(rows, V.KeypointCache(paths, data.SkipReport()), V.KeypointCache(paths, data.SkipReport()))
-    both = V.verify_chunk(rows, V.KeypointCache(paths, data.SkipReport(), inverted=True),
-                          V.KeypointCache(paths, data.SkipReport())).set_index("reference_id")
-    assert plain.inliers.max() < 10  # SIFT alone misses the inverted copy
+@pytest.mark.parametrize("edit", [ImageOps.invert, ImageOps.mirror])
+def test_an_inverted_or_mirrored_copy_is_verified_through_the_query_variants(photos, tmp_path, edit):
+    copy = tmp_path / "copy.png"
+    edit(data.load_image(photos["P0"])).save(copy)
+    paths = {**photos, "copy": copy}
+    rows = shortlist("copy", ["P0", "P1"])
+    refs = V.KeypointCache(paths, data.SkipReport())
+    plain = V.verify_chunk(rows, V.KeypointCache(paths, data.SkipReport()), refs)
+    both = V.verify_chunk(rows, V.KeypointCache(paths, data.SkipReport(), variants=V.QUERY_VARIANTS),
+                          refs).set_index("reference_id")
+    if edit is ImageOps.invert:
+        assert plain.inliers.max() < 10  # SIFT of the query as it is misses the copy
+    assert both.inliers["P0"] > plain.set_index("reference_id").inliers["P0"]
     assert both.inliers["P0"] >= 20 and both.inliers["P0"] > 3 * max(both.inliers["P1"], 1)
+    with pytest.raises(ValueError, match="unknown image variants"):
+        V.KeypointCache(paths, data.SkipReport(), variants=("rotated",))
 
 
 def test_verify_shortlist_resumes_from_cached_chunks(photos, tmp_path, monkeypatch):
