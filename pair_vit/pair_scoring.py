@@ -137,7 +137,7 @@ def _query_views(cache: TensorCache, query_id: str, views: list[str]) -> torch.T
 
 
 def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: TensorCache, ref_cache: TensorCache,
-                batch_size: int = 128, amp: bool = True) -> pd.DataFrame:
+                batch_size: int = 64, amp: bool = True) -> pd.DataFrame:
     """Score the shortlist rows (query_id, reference_id, score) of a few queries against every view.
 
     Returns the rows whose query and reference could be read, with logit_<view> per view and `logit` (their
@@ -159,7 +159,7 @@ def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: Tensor
 
 def score_shortlist(model, shortlist: pd.DataFrame, queries: Mapping[str, Path], references: Mapping[str, Path],
                     views: Sequence[str], report: data.SkipReport, cache_dir: str | Path | None = None,
-                    chunk_queries: int = 32, batch_size: int = 128, amp: bool = True, rank: int = 0,
+                    chunk_queries: int = 32, batch_size: int = 64, amp: bool = True, rank: int = 0,
                     world: int = 1, progress: bool = False,
                     on_chunk: Callable[[int], None] | None = None) -> tuple[pd.DataFrame, int]:
     """Pair-score this process's chunks of `shortlist` (query_id, reference_id, score; see `pair_vit.cache`).
@@ -179,7 +179,7 @@ def score_shortlist(model, shortlist: pd.DataFrame, queries: Mapping[str, Path],
     return rows, n_rows * len(views)
 
 
-def timed_pairs_per_second(model, n: int = 512, batch_size: int = 128, amp: bool = True) -> float:
+def timed_pairs_per_second(model, n: int = 512, batch_size: int = 64, amp: bool = True) -> float:
     """Pair-ViT forward passes per second on random uint8 inputs (no decoding): the model's own ceiling."""
     h, w = model.half_size
     x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8)

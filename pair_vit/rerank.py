@@ -81,12 +81,15 @@ class RerankConfig:
     factory: str = opt("Flat", "faiss index_factory string for a new reference index: Flat (exact), "
                                "IVF{nlist},PQ{m}, HNSW32, ...")
     nprobe: int = opt(16, "IVF lists visited per query (IVF factories only)")
-    # regions: measured on the dev benchmark (k=20, fused + verified, cross-fit) uAP 0.792 vs 0.747 for
-    # halves and 0.724 for full; shortlist recall@20 0.920 / 0.888 / 0.864, for ~0.006 s more per query
+    # regions: measured on the dev benchmark (k=20, fused + verified, cross-fit, with the verification of
+    # that day: original query only) uAP 0.792 vs 0.747 for halves and 0.724 for full; shortlist recall@20
+    # 0.920 / 0.888 / 0.864, for ~0.008 s more per query than halves
     views: str = opt("regions", "descriptor query views: full (1 descriptor per query), halves (5), grid (14), "
                                 "regions (halves + up to 6 proposed collage cells / pasted photos); merged by max "
                                 "similarity", choices=VIEWS)
-    batch_size: int = opt(128, "images (descriptor) or pairs (pair ViT) per forward pass")
+    # 64: on the 2-core CPU (bf16) the pair ViT runs ~300 pairs/s at 32-96 pairs per pass, 275 at 128, 200 at
+    # 256, and the descriptor 392 images/s at 64 against 360 at 128 (larger batches fall out of cache)
+    batch_size: int = opt(64, "images (descriptor) or pairs (pair ViT) per forward pass")
     chunk_queries: int = opt(32, "queries per pair-scoring chunk (the unit of resuming and of work sharing)")
     amp: bool = opt(True, "bf16 autocast (--no-amp: float32)")
     num_workers: int = opt(1, "image-decoding worker processes for the descriptor (0: decode in the main "

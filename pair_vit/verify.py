@@ -7,9 +7,9 @@ A copy shares many keypoints with its reference in one geometric arrangement (a 
 is an affine map of the reference), a look-alike photo shares few: the count of RANSAC inliers is a
 signal neither the global descriptor nor the pair ViT gives. It is a calibration feature
 (`pair_vit.calibration`: log1p(inliers) and its margin over the query's other candidates), not a score of
-its own. Measured on the dev benchmark's k=20 shortlists (10,000 pairs, cross-fitted logistic regression
-on descriptor similarity, its margin and the two inlier features): uAP 0.575 without verification, 0.726
-with it, for about 0.1 s per query (20 pairs) on one CPU core.
+its own. Measured on the dev benchmark's k=20 "regions" shortlists (10,000 pairs, cross-fitted logistic
+regression on the pair logit, descriptor similarity, their margins and the two inlier features): uAP 0.651
+without verification, 0.863 with it (README), for about 0.16 s per query (20 pairs) on one CPU core.
 
 Keypoints come from `pair_vit.baselines.sift_features` (RootSIFT), 800 per image at a longest side of 512 px
 (the SIFT peer: 400 at 384 px); reference keypoints stay in a bounded cache across chunks. Work is chunked, resumable

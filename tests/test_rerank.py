@@ -270,9 +270,9 @@ def test_accelerate_two_processes_write_the_single_process_submission(folders, c
     pytest.importorskip("accelerate")
     queries, refs, _ = folders
     args = ["--queries", str(queries), "--references", str(refs), "--k", "3", "--descriptor-checkpoint",
-            str(checkpoint), "--checkpoint", str(pair_checkpoint), "--views", "halves", "--pair-views", "full",
+            str(checkpoint), "--checkpoint", str(pair_checkpoint), "--views", "regions", "--pair-views", "full",
             "center", "--chunk-queries", "1", "--num-workers", "0", "--no-progress"]
-    single = rerank.run(config(queries, refs, tmp_path / "single.csv", checkpoint, views="halves",
+    single = rerank.run(config(queries, refs, tmp_path / "single.csv", checkpoint, views="regions",
                                descriptor_only=False, checkpoint=str(pair_checkpoint),
                                pair_views=["full", "center"], chunk_queries=1))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
