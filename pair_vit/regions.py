@@ -12,8 +12,9 @@ cropped to that rectangle describes the reference. `propose(image)` finds such r
    edge pixels and no other supported line crosses the rectangle (so collage cells win over blocks of
    cells), of a useful size and shape; best supported first, overlapping boxes suppressed.
 
-Boxes are fractions of the image (left, top, right, bottom), like `multiview.VIEW_BOXES`. Cost: about
-1 ms per image at the default 192 px analysis size, against ~2 ms per extra descriptor view.
+Boxes are fractions of the image (left, top, right, bottom), like `multiview.VIEW_BOXES`. On 200 dev-
+benchmark queries: 0.8 proposals per query on average, at least one for 37% of them (most plain photos get
+none); about 11 ms per image (192 px analysis size, 2-core CPU shared with a training job).
 """
 from __future__ import annotations
 
