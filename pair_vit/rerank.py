@@ -70,8 +70,9 @@ class RerankConfig:
     pair_views: list = opt(["full"], f"query views scored by the pair ViT, max logit kept: {list(PAIR_VIEWS)} or "
                                      f"the groups {list(VIEW_GROUPS)}")
     verify: str = opt("sift", "local verification of every shortlisted pair, fused into the score by the "
-                              "calibration: sift (RANSAC inliers of SIFT matches, ~0.1 s per query of 20 pairs "
-                              "on one core) or none (needs a calibration fitted without it)", choices=VERIFIERS)
+                              "calibration: sift (RANSAC inliers of SIFT matches of the query, its inverse and "
+                              "its mirror image; ~0.17 s per query of 20 pairs on one core) or none (needs a "
+                              "calibration fitted without it)", choices=VERIFIERS)
     calibration: str = opt("checkpoint", "score calibration: checkpoint (the fit stored with the pair weights; "
                                          "plain sigmoid if none), none (sigmoid of the pair logit), or a JSON "
                                          "file written by scripts/calibrate.py")
