@@ -116,10 +116,10 @@ def fit(logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray, fuse: boo
     labels = np.asarray(labels).astype(int)
     if labels.min(initial=1) == labels.max(initial=0):
         raise ValueError("calibration needs both true copies and non-copies among the scored pairs")
-    names = ["w_logit"]
-    if fuse:
-        names += ["w_desc"] + (["w_margin"] if query_ids is not None else [])
-        names += (["w_inliers"] + (["w_inlier_margin"] if query_ids is not None else [])) if inliers is not None else []
+    margins, verified = query_ids is not None, inliers is not None
+    wanted = {"w_logit": True, "w_desc": fuse, "w_margin": fuse and margins, "w_inliers": fuse and verified,
+              "w_inlier_margin": fuse and margins and verified}
+    names = [name for name in FEATURES if wanted[name]]
     columns = features(names, logit, similarity, query_ids, inliers)
     lr = LogisticRegression(C=100.0, max_iter=2000).fit(np.stack(list(columns.values()), axis=1), labels)
     weights = {name: float(w) for name, w in zip(columns, lr.coef_[0])}

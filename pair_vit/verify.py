@@ -9,13 +9,13 @@ signal neither the global descriptor nor the pair ViT gives. It is a calibration
 (`pair_vit.calibration`: log1p(inliers) and its margin over the query's other candidates), not a score of
 its own. Measured on the dev benchmark's k=20 "regions" shortlists (10,000 pairs, cross-fitted logistic
 regression on the pair logit, descriptor similarity, their margins and the two inlier features): uAP 0.651
-without verification, 0.863 with it (README), for about 0.16 s per query (20 pairs) on one CPU core.
+without verification, 0.863 with it (README), for about 0.17 s per query (20 pairs) on one CPU core.
 
-Keypoints come from `pair_vit.baselines.sift_features` (RootSIFT), 800 per image at a longest side of 512 px
-(the SIFT peer: 400 at 384 px); reference keypoints stay in a bounded cache across chunks. Work is chunked, resumable
-and shared between processes as pair scoring is (`pair_vit.cache`). Queries are matched twice,
-as they are, photometrically inverted and mirrored (`QUERY_VARIANTS`), and the pair keeps the largest inlier
-count: inversion turns every gradient around and mirroring reverses the descriptor layout, so the SIFT
+Keypoints come from `pair_vit.baselines.sift_features` (RootSIFT), 800 per image at a longest side of 512
+px (the SIFT peer: 400 at 384 px); reference keypoints stay in a bounded cache across chunks. Work is
+chunked, resumable and shared between processes as pair scoring is (`pair_vit.cache`). Queries are matched
+three times: as they are, photometrically inverted and mirrored (`QUERY_VARIANTS`), and the pair keeps the
+largest inlier count: inversion turns every gradient around and mirroring reverses the descriptor layout, so the SIFT
 descriptors of an inverted or mirrored copy match nothing of its reference. Measured on the dev benchmark's
 k=20 "regions" shortlists (10,000 pairs, fused cross-fit): the inverted query lifted uAP 0.792 -> 0.833
 (inliers ROC-AUC 0.899 -> 0.930); the mirrored one, added after the matching changes below, 0.855 -> 0.863
@@ -81,11 +81,14 @@ class KeypointCache(TensorCache):
         return [keypoints(_VARIANTS[v](image)) for v in self.variants]
 
 
+def _float32(variants) -> list:
+    return [(xy, desc.astype(np.float32)) for xy, desc in variants]
+
+
 def _inliers(query_variants, ref_variants) -> int:
     """Most RANSAC inliers over every (query variant, reference variant) pair of keypoint sets."""
-    return max(ransac_inliers((a[0], a[1].astype(np.float32)), (b[0], b[1].astype(np.float32)), one_to_one=True,
-                              model="affine")
-               for a in query_variants for b in ref_variants)
+    queries, refs = _float32(query_variants), _float32(ref_variants)  # once each, not once per combination
+    return max(ransac_inliers(a, b, one_to_one=True, model="affine") for a in queries for b in refs)
 
 
 def verify_chunk(rows: pd.DataFrame, query_cache: KeypointCache, ref_cache: KeypointCache) -> pd.DataFrame:
