@@ -62,7 +62,7 @@ class CompareConfig:
     smoke_distractors: str = opt("", "photos used as distractor references for --smoke (their dev split)")
     smoke_max: int = opt(1000, "at most this many distractors")
     batch_size: int = opt(64, "descriptor batch size")
-    amp: bool = opt(True, "bf16 autocast for the descriptor")
+    amp: bool = opt(True, "bf16 autocast for the descriptor where the CPU has native bf16 (--no-amp: float32)")
     scaling_sizes: list = opt([1000, 10000, 100000, 1000000], "reference-set sizes for the faiss search-time "
                                                                  "table (0 to skip)")
     scaling_queries: int = opt(1000, "queries searched per size in the scaling table")
@@ -275,7 +275,7 @@ def _link_folder(folder: Path, paths: list[Path]) -> Path:
 
 
 def model_throughput(cfg: CompareConfig, n: int = 512) -> dict:
-    """Descriptor forward passes per second on preprocessed tensors (no decoding), bf16 and fp32."""
+    """Descriptor forward passes per second on preprocessed tensors (no decoding): {"bf16" (where native), "fp32"}."""
     import torch
 
     from pair_vit.descriptor import embed, load_descriptor
@@ -287,17 +287,31 @@ def model_throughput(cfg: CompareConfig, n: int = 512) -> dict:
     out = {}
     for amp in (True, False):
         _, sec = _timed(lambda: embed(model, x, cfg.batch_size, amp=amp))
-        out["bf16" if amp else "fp32"] = n / sec
+        out.setdefault(_precision_name(amp), n / sec)
     return out
 
 
 def pair_throughput(cfg: CompareConfig, n: int = 512) -> dict:
-    """Pair-ViT forward passes per second on uint8 tensors (no decoding), bf16 and fp32."""
+    """Pair-ViT forward passes per second on uint8 tensors (no decoding): {"bf16" (where native), "fp32"}."""
     from pair_vit.pair_model import SHIPPED_WEIGHTS, load_pair_model
     from pair_vit.pair_scoring import timed_pairs_per_second
 
     model, _ = load_pair_model(cfg.pair_checkpoint or SHIPPED_WEIGHTS)
-    return {"bf16" if amp else "fp32": timed_pairs_per_second(model, n, amp=amp) for amp in (True, False)}
+    out = {}
+    for amp in (True, False):
+        out.setdefault(_precision_name(amp), timed_pairs_per_second(model, n, amp=amp))
+    return out
+
+
+def _precision_name(amp: bool) -> str:
+    """What an `amp` setting runs as on this CPU (see `pair_vit.precision`): "bf16" or "fp32"."""
+    from pair_vit import precision
+
+    return "bf16" if precision.use_bf16("cpu", amp) else "fp32"
+
+
+def _speeds(speed: dict, unit: str) -> str:
+    return ", ".join(f"{value:.0f} {unit} {name}" for name, value in speed.items())
 
 
 def search_scaling(sizes: list[int], n_queries: int, dim: int = 256, seed: int = 0) -> pd.DataFrame:
@@ -361,10 +375,10 @@ def run(cfg: CompareConfig, command: str | None = None) -> pd.DataFrame:
     _write(table, out, "results", f"Matchers on {cfg.benchmark}", command)
     if "descriptor" in cfg.methods:
         speed = model_throughput(cfg)
-        print(f"descriptor forward passes: {speed['bf16']:.0f} img/s bf16, {speed['fp32']:.0f} img/s fp32")
+        print(f"descriptor forward passes: {_speeds(speed, 'img/s')}")
     if "rerank" in cfg.methods:
         speed = pair_throughput(cfg)
-        print(f"pair-ViT forward passes: {speed['bf16']:.0f} pairs/s bf16, {speed['fp32']:.0f} pairs/s fp32")
+        print(f"pair-ViT forward passes: {_speeds(speed, 'pairs/s')}")
     if any(s > 0 for s in cfg.scaling_sizes):
         _write(search_scaling(cfg.scaling_sizes, cfg.scaling_queries), out, "search_scaling",
                "faiss search time vs reference-set size (random 256-d vectors, top-10)", command)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pair_vit import precision
 from pair_vit.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def embed(model: Descriptor, images: Sequence[Image.Image] | torch.Tensor, batch
           amp: bool = True) -> np.ndarray:
     """Descriptors of `images` (PIL images, or a preprocessed (N, 3, S, S) tensor): (N, D) float32, unit norm.
 
-    `amp`: bf16 autocast (on CPU as well); vectors are re-normalised in float32 afterwards.
+    `amp`: bf16 autocast where native (`pair_vit.precision`, CPU included); vectors are re-normalised in float32 afterwards.
     """
     module = getattr(model, "module", model)
     was_training = module.training
@@ -224,7 +225,7 @@ def embed(model: Descriptor, images: Sequence[Image.Image] | torch.Tensor, batch
             chunk = images[start:start + batch_size]
             x = chunk if isinstance(chunk, torch.Tensor) else torch.stack(
                 [preprocess(im, module.image_size) for im in chunk])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with precision.autocast(device, amp):
                 y = module(x.to(device))
             out[start:start + len(x)] = F.normalize(y.float(), dim=1).cpu().numpy()
     finally:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pair_vit import data, training
+from pair_vit import data, precision, training
 from pair_vit.checkpoint import save_checkpoint, state_dict_to
 from pair_vit.config import opt, save_config, to_dict
 from pair_vit.descriptor import KIND, Descriptor, DescriptorModelConfig
@@ -97,7 +97,8 @@ class TrainDescriptorConfig:
     temperature: float = opt(0.05, "InfoNCE temperature (initial value if learned)")
     learn_temperature: bool = opt(False, "learn the temperature")
     memory_size: int = opt(0, "cross-batch memory: this many recent view embeddings are extra negatives (0: off)")
-    amp: bool = opt(True, "bf16 autocast (--no-amp: float32)")
+    amp: bool = opt(True, "bf16 autocast where the hardware has native bf16, else float32 "
+                          "(pair_vit.precision; --no-amp: always float32)")
     # data
     views_per_photo: int = opt(12, "edited views cached per photo (0: edit on the fly every step, slower)")
     edit_side: int = opt(0, "longest side photos are decoded at before editing (0: 2 x image_size)")
@@ -273,7 +274,7 @@ class _Run:
         self.model.train()
         if self.memory.size:
             freeze_batch_norm(self.model)
-        with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        with precision.autocast(acc.device, cfg.amp):
             z, temperature = self.model(x.to(acc.device))
         photos = None
         if self.memory.size:

@@ -25,13 +25,14 @@ multi-view times); faiss search + merge < 0.05 s at this size, so the cost is th
 Each view is searched separately; `merge_views` keeps, for each (query, reference) pair, the highest
 similarity over the query's views, then the k best references per query.
 
-Embedding runs under bf16 autocast on CPU by default (`amp=True`); vectors are re-normalised in float32
-after the forward pass. Measured against float32 on this project's 2-core AVX512-BF16 CPU (default
-descriptor: untrained resnet10t, 160 px, 256-d; 80 references + 80 queries of a demo benchmark): forward
-passes 2.4x faster; cosine between fp32 and bf16 descriptors >= 0.99996; top-10 shortlists 99.5% identical,
-max score change 0.0004, top-1 identical for 97.5% of queries; uAP 0.126 (fp32) vs 0.125 (bf16) with full
-views, 0.175 for both with halves. An untrained model puts all similarities within ~0.1 of each other, so
-these rank changes are a worst case. `amp=False` (`--no-amp`) gives float32.
+Embedding runs under bf16 autocast by default where the CPU has native bf16 (`amp=True`, see
+`pair_vit.precision`; float32 elsewhere); vectors are re-normalised in float32 after the forward pass.
+Measured against float32 on this project's 2-core AVX512-BF16 CPU (default descriptor: untrained resnet10t,
+160 px, 256-d; 80 references + 80 queries of a demo benchmark): forward passes 2.4x faster; cosine between
+fp32 and bf16 descriptors >= 0.99996; top-10 shortlists 99.5% identical, max score change 0.0004, top-1
+identical for 97.5% of queries; uAP 0.126 (fp32) vs 0.125 (bf16) with full views, 0.175 for both with halves.
+An untrained model puts all similarities within ~0.1 of each other, so these rank changes are a worst case.
+`amp=False` (`--no-amp`) gives float32.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pair_vit import data, regions
+from pair_vit import data, precision, regions
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def _as_list(batch: list) -> list:
 
 def _forward(model: torch.nn.Module, x: torch.Tensor, amp: bool) -> np.ndarray:
     device = next(model.parameters()).device
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.inference_mode(), precision.autocast(device, amp):
         out = model(x.to(device))
     out = torch.nn.functional.normalize(out.float(), dim=1)
     return out.cpu().numpy().astype(np.float32, copy=False)

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pair_vit import precision
 from pair_vit.training import warmup_cosine
 
 KIND = "pair_vit"
@@ -275,7 +276,7 @@ def _forward_pairs(model: PairViT, refs, queries, batch_size: int, amp: bool) ->
     model.eval()
     out = []
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.inference_mode(), precision.autocast(device, amp):
             for start in range(0, len(refs), batch_size):
                 r = _as_batch(model, refs[start:start + batch_size]).to(device)
                 q = _as_batch(model, queries[start:start + batch_size]).to(device)
@@ -297,7 +298,7 @@ def score_pairs(model: PairViT, refs: Sequence[Any] | torch.Tensor, queries: Seq
     """Probability that queries[i] was derived from refs[i], for every i -> np.float32 (N,) in [0, 1].
 
     refs, queries: N PIL images (preprocessed here, batch by batch) or (3, H, W/2) tensors from `preprocess`,
-    or (N, 3, H, W/2) tensors. `amp`: bf16 autocast. The model is scored in eval mode and put back as it was.
+    or (N, 3, H, W/2) tensors. `amp`: bf16 autocast where native (`pair_vit.precision`). The model is scored in eval mode and put back as it was.
     """
     return torch.sigmoid(_forward_pairs(model, refs, queries, batch_size, amp)).numpy().astype(np.float32)
 

@@ -31,7 +31,7 @@ import torch
 import yaml
 from accelerate.utils import gather_object
 
-from pair_vit import data, demo_dir, training
+from pair_vit import data, demo_dir, precision, training
 from pair_vit import pair_data as pd_
 from pair_vit.checkpoint import save_checkpoint
 from pair_vit.config import opt, save_config, to_dict
@@ -96,7 +96,8 @@ class TrainPairsConfig:
     warmup_steps: int = opt(100, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = opt(0.01, "final learning rate as a fraction of --lr")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
-    amp: bool = opt(True, "bf16 autocast (--no-amp: float32)")
+    amp: bool = opt(True, "bf16 autocast where the hardware has native bf16, else float32 "
+                          "(pair_vit.precision; --no-amp: always float32)")
     seed: int = opt(0, "seed for initialisation and groups: same seed and photos give the same run")
     num_workers: int = opt(1, "DataLoader worker processes per process building groups (0: in the main process)")
     threads: int = opt(0, "torch threads per process (0: CPU cores / processes)")
@@ -226,7 +227,7 @@ class Trainer:
         acc = self.accelerator
         refs, queries = batch["refs"].to(acc.device), batch["queries"].to(acc.device)
         ri, qi, labels = pd_.pair_indices(batch["n_groups"], batch["group_size"])
-        with acc.autocast():
+        with precision.autocast(acc.device, self.cfg.amp):
             logits = self.model(refs[ri], queries[qi])  # (n*G*G,)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.to(acc.device))
         acc.backward(loss)
@@ -327,7 +328,7 @@ def run(cfg: TrainPairsConfig) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     resolve(cfg)
-    accelerator = training.start_accelerator("bf16" if cfg.amp else "no")
+    accelerator = training.start_accelerator()
     training.set_torch_threads(cfg.threads, accelerator.num_processes)
     if cfg.groups_per_step % accelerator.num_processes:
         raise ValueError(f"--groups-per-step {cfg.groups_per_step} must be a multiple of the "

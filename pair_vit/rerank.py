@@ -92,7 +92,8 @@ class RerankConfig:
     # 256, and the descriptor 392 images/s at 64 against 360 at 128 (larger batches fall out of cache)
     batch_size: int = opt(64, "images (descriptor) or pairs (pair ViT) per forward pass")
     chunk_queries: int = opt(32, "queries per pair-scoring chunk (the unit of resuming and of work sharing)")
-    amp: bool = opt(True, "bf16 autocast (--no-amp: float32)")
+    amp: bool = opt(True, "bf16 autocast where the hardware has native bf16, else float32 "
+                          "(pair_vit.precision; --no-amp: always float32)")
     num_workers: int = opt(1, "image-decoding worker processes for the descriptor (0: decode in the main "
                               "process)")
     background: str = opt("", "folder of background photos (not in the benchmark, e.g. training photos); "

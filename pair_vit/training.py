@@ -1,7 +1,7 @@
 """What the two trainers (`pair_vit.descriptor_train`, `pair_vit.pair_train`) share.
 
     set_torch_threads(cfg.threads, processes)          # before or after the Accelerator, as each trainer needs
-    acc = start_accelerator("bf16")                      # 3-hour process-group timeout, quiet non-main processes
+    acc = start_accelerator()                            # 3-hour process-group timeout, quiet non-main processes
     value = broadcast(acc, value)                        # the main process's value, on every process
     ckpt = checkpoint_to_resume(out / "checkpoint.pt", cfg.resume, cfg.overwrite, kind)   # None: a fresh run
     refuse_resume(path, config_diffs(ckpt, cfg, RESUME_KEYS) + other_differences)
@@ -44,13 +44,14 @@ def set_torch_threads(threads: int, processes: int = 0) -> None:
         torch.set_num_threads(max(1, cores // processes))
 
 
-def start_accelerator(mixed_precision: str | None = None):
+def start_accelerator():
     """An `accelerate.Accelerator` whose processes wait up to 3 hours for each other (while one scans photos or
-    builds a cache); processes other than the main one log errors only."""
+    builds a cache); processes other than the main one log errors only. Mixed precision is not accelerate's:
+    the trainers wrap their forward passes in `pair_vit.precision.autocast`, bf16 only where it is native."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    acc = Accelerator(mixed_precision=mixed_precision,
+    acc = Accelerator(mixed_precision="no",
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=3))])
     if not acc.is_main_process:
         logging.getLogger("pair_vit").setLevel(logging.ERROR)

@@ -132,7 +132,8 @@ def test_preprocess(images):
     assert torch.allclose(white[:, 0, 0], expected, atol=1e-5)
 
 
-def test_embed_amp_matches_fp32_and_tensor_input(images):
+def test_embed_amp_matches_fp32_and_tensor_input(images, monkeypatch):
+    monkeypatch.setenv("PAIR_VIT_BF16", "1")  # the bf16 path, even on a CPU without native bf16
     model = tiny_model()
     fp32 = D.embed(model, images, batch_size=4, amp=False)
     bf16 = D.embed(model, images, batch_size=4, amp=True)

@@ -160,7 +160,8 @@ def test_merge_views_keeps_k_per_query_and_drops_missing():
     assert list(sub.reference_id) == ["A", "C"]
 
 
-def test_embed_folder_views_and_owners(model, demo_photos):
+def test_embed_folder_views_and_owners(model, demo_photos, monkeypatch):
+    monkeypatch.setenv("PAIR_VIT_BF16", "1")  # the bf16 path, even on a CPU without native bf16
     photos = dict(list(demo_photos.items())[:3])
     ids, vectors, owner = ix.embed_folder(model, photos, batch_size=8, views="halves")
     assert ids == list(photos) and vectors.shape == (15, 32) and vectors.dtype == np.float32

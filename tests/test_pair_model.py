@@ -129,7 +129,8 @@ def test_dynamic_size_accepts_smaller_inputs():
         assert net(torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16)).shape == (2,)
 
 
-def test_score_pairs_probabilities_amp_close_to_fp32(model, inputs):
+def test_score_pairs_probabilities_amp_close_to_fp32(model, inputs, monkeypatch):
+    monkeypatch.setenv("PAIR_VIT_BF16", "1")  # the bf16 path, even on a CPU without native bf16
     ref, query = inputs
     fp32 = score_pairs(model, ref, query, batch_size=4, amp=False)
     bf16 = score_pairs(model, ref, query, batch_size=4, amp=True)

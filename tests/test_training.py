@@ -88,7 +88,7 @@ def test_set_torch_threads():
 
 
 def test_accelerator_and_broadcast_in_one_process():
-    acc = training.start_accelerator("no")
+    acc = training.start_accelerator()
     assert acc.is_main_process and acc.num_processes == 1
     assert training.broadcast(acc, {"a": 1}) == {"a": 1}
     assert training.broadcast(SimpleNamespace(num_processes=1), None) is None
