@@ -129,8 +129,8 @@ def _background(cfg: CompareConfig) -> dict[str, Path] | None:
 
 
 def descriptor_results(layout: data.DiscLayout, cfg: CompareConfig) -> list[Result]:
-    """Descriptor shortlist for each view setting: plain, with the shortlist margin, and (with --background)
-    score-normalised."""
+    """Descriptor shortlist for each view setting: plain, with the shortlist margin, (with --background)
+    score-normalised, and for multi-view settings merged by the plain max (no sub-view penalty)."""
     from pair_vit import index as ix
     from pair_vit.descriptor import load_descriptor
     from pair_vit.rerank import DEFAULT_CHECKPOINT
@@ -150,6 +150,9 @@ def descriptor_results(layout: data.DiscLayout, cfg: CompareConfig) -> list[Resu
             if not name:  # the shortlist margin (`rerank.py --descriptor-only --margin`): free, no background
                 margin = sub.score + ix.similarity_margin(sub.query_id.to_numpy(), sub.score.to_numpy())
                 rows.append(("descriptor", views + "+margin", sub.assign(score=margin), ref_sec + q_sec + s_sec))
+        if views != "full":
+            sub, s_sec = _timed(lambda: ix.search_views(index, q_ids, q_vec, owner, cfg.k, subview_penalty=0.0))
+            rows.append(("descriptor", views + " plain max", sub, ref_sec + q_sec + s_sec))
     return rows
 
 

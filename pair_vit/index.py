@@ -27,8 +27,8 @@ import torch
 
 from pair_vit import data
 from pair_vit.io import atomic_path, write_text_atomic
-from pair_vit.multiview import (embed_folder, index_metadata, merge_views, model_args_of,  # noqa: F401
-                                model_fingerprint, model_image_size, plain_json)
+from pair_vit.multiview import (SUBVIEW_PENALTY, embed_folder, index_metadata, merge_views, model_args_of,  # noqa: F401
+                                model_fingerprint, model_image_size, plain_json, subview_mask)
 
 log = logging.getLogger(__name__)
 
@@ -277,14 +277,17 @@ def empty_submission() -> pd.DataFrame:
 
 def search_views(index: ReferenceIndex, query_ids: list[str], vectors: np.ndarray, view_owner: np.ndarray,
                  k: int, background: ReferenceIndex | None = None, background_n: int = 1,
-                 background_beta: float = 1.0, progress: bool | str = False) -> pd.DataFrame:
-    """Search every view vector, optionally normalise its scores against `background`, merge the views of
-    each query by max score: submission rows, the k best references per query."""
+                 background_beta: float = 1.0, progress: bool | str = False,
+                 subview_penalty: float = SUBVIEW_PENALTY) -> pd.DataFrame:
+    """Search every view vector, optionally normalise its scores against `background`, lower the scores of
+    sub-image views by `subview_penalty` (see `pair_vit.multiview`), merge the views of each query by max
+    score: submission rows, the k best references per query."""
     if len(query_ids) == 0:
         return empty_submission()
     scores, ref_ids = index.search(vectors, k, progress=progress)
     if background is not None:
         scores = normalise_scores(scores, vectors, background, n=background_n, beta=background_beta)
+    scores = scores - np.float32(subview_penalty) * subview_mask(view_owner)[:, None]
     return merge_views(scores, ref_ids, view_owner, query_ids, k)
 
 
@@ -302,12 +305,14 @@ def shortlist(model: torch.nn.Module, queries: Mapping[str, Path], references: M
               views: str = "full", *, batch_size: int = 64, amp: bool = True, factory: str = "Flat",
               index: ReferenceIndex | None = None, background: ReferenceIndex | Mapping[str, Path] | None = None,
               background_n: int = 1, background_beta: float = 1.0, num_workers: int = 0,
-              report: data.SkipReport | None = None, progress: bool = False) -> pd.DataFrame:
+              report: data.SkipReport | None = None, progress: bool = False,
+              subview_penalty: float = SUBVIEW_PENALTY) -> pd.DataFrame:
     """Stage 1 end to end: the k most similar references of every query, as a submission DataFrame
     query_id, reference_id, score (similarity; k rows per query, fewer if fewer references).
 
     `index`: an existing ReferenceIndex to search (references not in it are embedded and added); else one
     is built with `factory`. `background`: photos (id -> path) or their index, to normalise scores.
+    `subview_penalty`: subtracted from the scores of sub-image views before they are merged.
     """
     report = report if report is not None else data.SkipReport()
     embed = dict(batch_size=batch_size, amp=amp, report=report, num_workers=num_workers)
@@ -316,7 +321,7 @@ def shortlist(model: torch.nn.Module, queries: Mapping[str, Path], references: M
         background = build_background(model, background, progress=progress and "background", **embed)
     q_ids, q_vectors, owner = embed_folder(model, queries, views=views, progress=progress and "queries", **embed)
     return search_views(index, q_ids, q_vectors, owner, k, background, background_n, background_beta,
-                        progress=progress and "search")
+                        progress=progress and "search", subview_penalty=subview_penalty)
 
 
 def update_reference_index(model: torch.nn.Module, references: Mapping[str, Path],

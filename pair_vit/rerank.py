@@ -88,6 +88,8 @@ class RerankConfig:
     views: str = opt("regions", "descriptor query views: full (1 descriptor per query), halves (5), grid (14), "
                                 "regions (halves + up to 6 proposed collage cells / pasted photos); merged by max "
                                 "similarity", choices=VIEWS)
+    subview_penalty: float = opt(ix.SUBVIEW_PENALTY, "subtracted from the similarity of every query view but the "
+                                                     "whole image before views are merged (0: plain max)")
     # 64: on the 2-core CPU (bf16) the pair ViT runs ~300 pairs/s at 32-96 pairs per pass, 275 at 128, 200 at
     # 256, and the descriptor 392 images/s at 64 against 360 at 128 (larger batches fall out of cache)
     batch_size: int = opt(64, "images (descriptor) or pairs (pair ViT) per forward pass")
@@ -218,7 +220,7 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
     key = {"queries": cache.listing(queries), "references": cache.listing(references),
            "model": ix.model_fingerprint(model),
            **{k: getattr(cfg, k) for k in ("k", "views", "factory", "nprobe", "background", "background_n",
-                                           "background_beta", "amp")}}
+                                           "background_beta", "amp", "subview_penalty")}}
     folder = cache.stage_dir(work_folder(cfg) / "shortlist", key, procs)
     if (folder / "shortlist.csv").is_file():
         cache.load_report(folder / "skipped.json", report)
@@ -239,7 +241,8 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
         progress=cfg.progress and procs.is_main and "queries")
     stats["embedded"] += len(queries)
     mine = ix.search_views(index, q_ids, q_vectors, owner, cfg.k, background, cfg.background_n,
-                           cfg.background_beta, progress=cfg.progress and procs.is_main and "search")
+                           cfg.background_beta, progress=cfg.progress and procs.is_main and "search",
+                           subview_penalty=cfg.subview_penalty)
     # Every process takes the shortlist as written to the cache, so a fresh and a resumed run continue from
     # exactly the same values.
     text = pd.concat(procs.gather([mine]), ignore_index=True).to_csv(index=False, float_format="%.8g")

@@ -144,13 +144,36 @@ def test_a_crop_view_that_matches_better_wins_and_views_merge_by_max():
     crop_view = unit([[0.3, 0.9, 0.0, 0.3]])  # one crop: most like B (0.90), a bit like A (0.30)
     other_query = unit([[0.0, 0.0, 1.0, 0.0]])
     vectors = np.concatenate([full_view, crop_view, other_query])
-    sub = ix.search_views(index, ["q", "r"], vectors, np.array([0, 0, 1]), k=3)
+    sub = ix.search_views(index, ["q", "r"], vectors, np.array([0, 0, 1]), k=3, subview_penalty=0.0)
     q = sub[sub.query_id == "q"]
     assert list(q.reference_id) == ["B", "A", "C"]
     assert q.score.iloc[0] == pytest.approx(crop_view[0, 1], abs=1e-6)
     assert q.score.iloc[1] == pytest.approx(full_view[0, 0], abs=1e-6)  # A: max(0.70, 0.30), not a sum
     assert not sub.duplicated(["query_id", "reference_id"]).any()
     assert sub[sub.query_id == "r"].reference_id.iloc[0] == "C"
+
+
+def test_subview_penalty_lowers_every_view_but_the_whole_image():
+    e = np.eye(4, dtype=np.float32)
+    index = ix.ReferenceIndex.build(["A", "B", "C"], e[:3])
+    full_view = unit([[0.7, 0.0, 0.0, 0.71]])  # A: 0.70
+    crop_view = unit([[0.0, 0.72, 0.0, 0.69]])  # B: 0.72, by a hair over the whole image's best
+    other_full = unit([[0.0, 0.0, 1.0, 0.0]])  # query r: its only view is the whole image, C: 1.0
+    vectors = np.concatenate([full_view, crop_view, other_full])
+    plain = ix.search_views(index, ["q", "r"], vectors, np.array([0, 0, 1]), k=2, subview_penalty=0.0)
+    assert list(plain[plain.query_id == "q"].reference_id) == ["B", "A"]
+    sub = ix.search_views(index, ["q", "r"], vectors, np.array([0, 0, 1]), k=2, subview_penalty=0.05)
+    q = sub[sub.query_id == "q"]
+    assert list(q.reference_id) == ["A", "B"]
+    assert q.score.iloc[0] == pytest.approx(full_view[0, 0], abs=1e-6)  # the whole image keeps its cosine
+    assert q.score.iloc[1] == pytest.approx(crop_view[0, 1] - 0.05, abs=1e-6)
+    assert sub[sub.query_id == "r"].score.iloc[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_subview_mask_marks_all_but_the_first_view_of_each_image():
+    np.testing.assert_array_equal(ix.subview_mask(np.array([0, 0, 0, 1, 2, 2])),
+                                  [False, True, True, False, False, True])
+    np.testing.assert_array_equal(ix.subview_mask(np.array([], dtype=np.int64)), np.zeros(0, bool))
 
 
 def test_merge_views_keeps_k_per_query_and_drops_missing():
