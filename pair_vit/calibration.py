@@ -34,7 +34,7 @@ import numpy as np
 
 from pair_vit.config import opt
 from pair_vit.index import similarity_margin
-from pair_vit.multiview import VIEWS
+from pair_vit.multiview import SUBVIEW_PENALTY, VIEWS
 
 
 @dataclass
@@ -166,6 +166,7 @@ class CalibrateConfig:
     pair_views: list = opt(["full"], "pair-ViT query views, as scripts/rerank.py --pair-views")
     views: str = opt("regions", "descriptor query views of the shortlist, as scripts/rerank.py --views",
                      choices=VIEWS)
+    subview_penalty: float = opt(SUBVIEW_PENALTY, "as scripts/rerank.py --subview-penalty")
     fuse: bool = opt(True, "fuse the descriptor similarity into the score (--no-fuse: logit only)")
     margin: bool = opt(True, "with --fuse, also the similarity margin to the query's best other candidate")
     verify: str = opt("sift", "local verification of the shortlisted pairs, fused into the score: sift (RANSAC "
@@ -188,7 +189,8 @@ def run(cfg: CalibrateConfig) -> Calibration:
     rcfg = rerank.RerankConfig(queries=str(layout.queries), references=str(layout.references),
                                work_dir=str(out) + ".work", k=cfg.k, checkpoint=cfg.checkpoint,
                                descriptor_checkpoint=cfg.descriptor_checkpoint, pair_views=list(cfg.pair_views),
-                               views=cfg.views, calibration="none", verify=cfg.verify)
+                               views=cfg.views, subview_penalty=cfg.subview_penalty, calibration="none",
+                               verify=cfg.verify)
     rows, gt = rerank.match(rcfg).rows, layout.load_ground_truth()
     labels = evaluation.label_predictions(rows, gt)
     logit, sim, queries = rows.logit.to_numpy(), rows.score.to_numpy(), rows.query_id.to_numpy()
@@ -198,7 +200,8 @@ def run(cfg: CalibrateConfig) -> Calibration:
     plain = evaluation.evaluate(rows[["query_id", "reference_id"]].assign(score=Calibration().apply(logit, sim)), gt)
     cal = fit(logit, sim, labels, cfg.fuse, queries if cfg.margin else None, inliers)
     cal.threshold_p90 = honest.threshold_at_p90
-    cal.fitted_on = (f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, views {cfg.views}, pair views "
+    cal.fitted_on = (f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, views {cfg.views} (sub-view penalty "
+                     f"{cfg.subview_penalty:g}), pair views "
                      f"{list(cfg.pair_views)}, verify {cfg.verify}")
     write_text_atomic(out, json.dumps(cal.to_dict(), indent=2) + "\n")
     print(f"{separability(logit, sim, labels, inliers)}\n"
