@@ -284,7 +284,11 @@ def test_accelerate_two_processes_write_the_single_process_submission(folders, c
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("rerank (pair ViT)") == 1 and "(2 processes)" in proc.stdout
     assert "12 pairs scored" in proc.stdout  # 2 readable queries x 3 candidates x 2 views, each once
-    assert (tmp_path / "multi.csv").read_text() == (tmp_path / "single.csv").read_text()
+    # The same rows in the same order; scores agree to float32 rounding (in fp32, a different batch
+    # composition changes the last bits of a forward pass; under bf16 both round to the same values).
+    multi, one = pd.read_csv(tmp_path / "multi.csv"), pd.read_csv(tmp_path / "single.csv")
+    pd.testing.assert_frame_equal(multi.drop(columns="score"), one.drop(columns="score"))
+    np.testing.assert_allclose(multi.score, one.score, rtol=0, atol=1e-6)
     assert len(single) == 6
     skipped = pd.read_csv(tmp_path / "multi.csv.skipped.csv")
     assert [Path(p).name for p in skipped.path] == ["Qbad.jpg"]
