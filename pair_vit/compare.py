@@ -288,9 +288,9 @@ def model_throughput(cfg: CompareConfig, n: int = 512) -> dict:
     x = torch.randn(n, 3, model.image_size, model.image_size)
     embed(model, x[:64], cfg.batch_size)  # warm-up
     out = {}
-    for amp in (True, False):
+    for name, amp in _precisions().items():
         _, sec = _timed(lambda: embed(model, x, cfg.batch_size, amp=amp))
-        out.setdefault(_precision_name(amp), n / sec)
+        out[name] = n / sec
     return out
 
 
@@ -300,17 +300,15 @@ def pair_throughput(cfg: CompareConfig, n: int = 512) -> dict:
     from pair_vit.pair_scoring import timed_pairs_per_second
 
     model, _ = load_pair_model(cfg.pair_checkpoint or SHIPPED_WEIGHTS)
-    out = {}
-    for amp in (True, False):
-        out.setdefault(_precision_name(amp), timed_pairs_per_second(model, n, amp=amp))
-    return out
+    return {name: timed_pairs_per_second(model, n, amp=amp) for name, amp in _precisions().items()}
 
 
-def _precision_name(amp: bool) -> str:
-    """What an `amp` setting runs as on this CPU (see `pair_vit.precision`): "bf16" or "fp32"."""
+def _precisions() -> dict[str, bool]:
+    """The precisions this CPU runs, named, with the `amp` setting that gives each (`pair_vit.precision`):
+    bf16 and fp32 where bf16 is native, fp32 alone elsewhere (timing `amp=True` there would time fp32 twice)."""
     from pair_vit import precision
 
-    return "bf16" if precision.use_bf16("cpu", amp) else "fp32"
+    return {"bf16": True, "fp32": False} if precision.use_bf16("cpu", True) else {"fp32": False}
 
 
 def _speeds(speed: dict, unit: str) -> str:

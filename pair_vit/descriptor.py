@@ -212,7 +212,8 @@ def embed(model: Descriptor, images: Sequence[Image.Image] | torch.Tensor, batch
           amp: bool = True) -> np.ndarray:
     """Descriptors of `images` (PIL images, or a preprocessed (N, 3, S, S) tensor): (N, D) float32, unit norm.
 
-    `amp`: bf16 autocast where native (`pair_vit.precision`, CPU included); vectors are re-normalised in float32 afterwards.
+    `amp`: bf16 autocast where native (`pair_vit.precision`, CPU included); vectors are re-normalised in
+    float32 afterwards.
     """
     module = getattr(model, "module", model)
     was_training = module.training

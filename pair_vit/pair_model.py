@@ -298,7 +298,8 @@ def score_pairs(model: PairViT, refs: Sequence[Any] | torch.Tensor, queries: Seq
     """Probability that queries[i] was derived from refs[i], for every i -> np.float32 (N,) in [0, 1].
 
     refs, queries: N PIL images (preprocessed here, batch by batch) or (3, H, W/2) tensors from `preprocess`,
-    or (N, 3, H, W/2) tensors. `amp`: bf16 autocast where native (`pair_vit.precision`). The model is scored in eval mode and put back as it was.
+    or (N, 3, H, W/2) tensors. `amp`: bf16 autocast where native (`pair_vit.precision`). The model is scored
+    in eval mode and put back as it was.
     """
     return torch.sigmoid(_forward_pairs(model, refs, queries, batch_size, amp)).numpy().astype(np.float32)
 
