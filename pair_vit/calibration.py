@@ -34,7 +34,7 @@ import numpy as np
 
 from pair_vit.config import opt
 from pair_vit.index import similarity_margin
-from pair_vit.multiview import SUBVIEW_PENALTY, VIEWS
+from pair_vit.multiview import REFERENCE_SUBVIEW_PENALTY, REFERENCE_VIEWS, SUBVIEW_PENALTY, VIEWS
 
 
 @dataclass
@@ -167,6 +167,9 @@ class CalibrateConfig:
     views: str = opt("regions", "descriptor query views of the shortlist, as scripts/rerank.py --views",
                      choices=VIEWS)
     subview_penalty: float = opt(SUBVIEW_PENALTY, "as scripts/rerank.py --subview-penalty")
+    reference_views: str = opt("halves", "views each reference is indexed as, as scripts/rerank.py "
+                                         "--reference-views", choices=REFERENCE_VIEWS)
+    reference_penalty: float = opt(REFERENCE_SUBVIEW_PENALTY, "as scripts/rerank.py --reference-penalty")
     fuse: bool = opt(True, "fuse the descriptor similarity into the score (--no-fuse: logit only)")
     margin: bool = opt(True, "with --fuse, also the similarity margin to the query's best other candidate")
     verify: str = opt("sift", "local verification of the shortlisted pairs, fused into the score: sift (RANSAC "
@@ -189,7 +192,9 @@ def run(cfg: CalibrateConfig) -> Calibration:
     rcfg = rerank.RerankConfig(queries=str(layout.queries), references=str(layout.references),
                                work_dir=str(out) + ".work", k=cfg.k, checkpoint=cfg.checkpoint,
                                descriptor_checkpoint=cfg.descriptor_checkpoint, pair_views=list(cfg.pair_views),
-                               views=cfg.views, subview_penalty=cfg.subview_penalty, calibration="none",
+                               views=cfg.views, subview_penalty=cfg.subview_penalty,
+                               reference_views=cfg.reference_views, reference_penalty=cfg.reference_penalty,
+                               calibration="none",
                                verify=cfg.verify)
     rows, gt = rerank.match(rcfg).rows, layout.load_ground_truth()
     labels = evaluation.label_predictions(rows, gt)
@@ -201,7 +206,8 @@ def run(cfg: CalibrateConfig) -> Calibration:
     cal = fit(logit, sim, labels, cfg.fuse, queries if cfg.margin else None, inliers)
     cal.threshold_p90 = honest.threshold_at_p90
     cal.fitted_on = (f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, views {cfg.views} (sub-view penalty "
-                     f"{cfg.subview_penalty:g}), pair views "
+                     f"{cfg.subview_penalty:g}), reference views {cfg.reference_views} (penalty "
+                     f"{cfg.reference_penalty:g}), pair views "
                      f"{list(cfg.pair_views)}, verify {cfg.verify}")
     write_text_atomic(out, json.dumps(cal.to_dict(), indent=2) + "\n")
     print(f"{separability(logit, sim, labels, inliers)}\n"

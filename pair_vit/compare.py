@@ -26,7 +26,7 @@ from pair_vit import baselines, data
 from pair_vit import eval as evaluation
 from pair_vit.config import opt, save_config
 from pair_vit.io import atomic_path, write_text_atomic
-from pair_vit.multiview import VIEWS
+from pair_vit.multiview import REFERENCE_VIEWS, VIEWS
 
 RECALL_KS = (1, 5, 10, 20, 50)
 
@@ -53,6 +53,9 @@ class CompareConfig:
                            "group, and all of them")
     shortlist_views: str = opt("regions", "descriptor query views for the reranker's shortlist (as rerank.py --views)",
                                choices=VIEWS)
+    reference_views: str = opt("halves", "views each reference is indexed as (as rerank.py --reference-views); "
+                                         "descriptor rows with full references are added for comparison",
+                               choices=REFERENCE_VIEWS)
     rerank_k: int = opt(20, "shortlist size the pair ViT rescores")
     verify: str = opt("sift", "local verification of the reranker's pairs (rows with and without it): sift or "
                               "none", choices=("sift", "none"))
@@ -138,7 +141,10 @@ def descriptor_results(layout: data.DiscLayout, cfg: CompareConfig) -> list[Resu
     model, _ = load_descriptor(cfg.descriptor_checkpoint or DEFAULT_CHECKPOINT)
     q, r = layout.query_images(), layout.reference_images()
     embed = dict(batch_size=cfg.batch_size, amp=cfg.amp)
-    index, ref_sec = _timed(lambda: ix.update_reference_index(model, r, None, **embed))
+    index, ref_sec = _timed(lambda: ix.update_reference_index(model, r, None, views=cfg.reference_views, **embed))
+    full_refs = None
+    if cfg.reference_views != "full":
+        full_refs, full_sec = _timed(lambda: ix.update_reference_index(model, r, None, **embed))
     bg_images = _background(cfg)
     bg = ix.build_background(model, bg_images, **embed) if bg_images else None
     rows = []
@@ -151,8 +157,12 @@ def descriptor_results(layout: data.DiscLayout, cfg: CompareConfig) -> list[Resu
                 margin = sub.score + ix.similarity_margin(sub.query_id.to_numpy(), sub.score.to_numpy())
                 rows.append(("descriptor", views + "+margin", sub.assign(score=margin), ref_sec + q_sec + s_sec))
         if views != "full":
-            sub, s_sec = _timed(lambda: ix.search_views(index, q_ids, q_vec, owner, cfg.k, subview_penalty=0.0))
+            sub, s_sec = _timed(lambda: ix.search_views(index, q_ids, q_vec, owner, cfg.k, subview_penalty=0.0,
+                                                        reference_penalty=0.0))
             rows.append(("descriptor", views + " plain max", sub, ref_sec + q_sec + s_sec))
+        if full_refs is not None:
+            sub, s_sec = _timed(lambda: ix.search_views(full_refs, q_ids, q_vec, owner, cfg.k))
+            rows.append(("descriptor", views + " full refs", sub, full_sec + q_sec + s_sec))
     return rows
 
 
@@ -179,6 +189,7 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
                                output=str(out / "rerank.csv"), work_dir=str(out / "rerank.work"), k=cfg.rerank_k,
                                checkpoint=cfg.pair_checkpoint, descriptor_checkpoint=cfg.descriptor_checkpoint,
                                pair_views=list(cfg.pair_views), views=cfg.shortlist_views, amp=cfg.amp,
+                               reference_views=cfg.reference_views,
                                verify=cfg.verify, calibration="none", progress=False)
     found, seconds = _timed(lambda: rerank.match(rcfg))
     stored = rerank.load_pair(dataclasses.replace(rcfg, calibration="checkpoint"))[2]
@@ -256,7 +267,8 @@ def smoke_ranks(cfg: CompareConfig) -> pd.DataFrame:
         found = rerank.match(rerank.RerankConfig(
             queries=str(qdir), references=str(rdir), output=str(Path(tmp, "s.csv")), k=cfg.rerank_k,
             checkpoint=cfg.pair_checkpoint, descriptor_checkpoint=cfg.descriptor_checkpoint,
-            pair_views=list(cfg.pair_views), views=cfg.shortlist_views, progress=False))
+            pair_views=list(cfg.pair_views), views=cfg.shortlist_views, reference_views=cfg.reference_views,
+            progress=False))
     sub, rows = found.submission(), []
     for name, (query, reference) in pairs.items():
         mine, shortlisted = sub[sub.query_id == query.stem], found.rows[found.rows.query_id == query.stem]

@@ -40,7 +40,7 @@ from pair_vit import index as ix
 from pair_vit.calibration import Calibration
 from pair_vit.config import opt, save_config
 from pair_vit.io import atomic_path, write_text_atomic
-from pair_vit.multiview import VIEWS
+from pair_vit.multiview import REFERENCE_VIEWS, VIEWS
 from pair_vit.pair_model import SHIPPED_WEIGHTS
 from pair_vit.pair_scoring import PAIR_VIEWS, VIEW_GROUPS, expand_views, score_shortlist
 from pair_vit.processes import Processes
@@ -90,6 +90,14 @@ class RerankConfig:
                                 "similarity", choices=VIEWS)
     subview_penalty: float = opt(ix.SUBVIEW_PENALTY, "subtracted from the similarity of every query view but the "
                                                      "whole image before views are merged (0: plain max)")
+    # halves: measured descriptor-only on the dev benchmark (regions queries): R@20 0.932 -> 0.940, uAP 0.628 ->
+    # 0.638 against full, for 5x the reference embedding work and index size (penalty chosen on the tuning
+    # benchmark, see multiview.REFERENCE_SUBVIEW_PENALTY)
+    reference_views: str = opt("halves", "views each reference is indexed as: full (1 vector per reference), "
+                                         "halves (5: + left, right, top, bottom halves; for queries that are "
+                                         "crops of a reference), grid (14)", choices=REFERENCE_VIEWS)
+    reference_penalty: float = opt(ix.REFERENCE_SUBVIEW_PENALTY, "subtracted from the similarity of every "
+                                   "reference view but the whole image before views are merged")
     # 64: on the 2-core CPU (bf16) the pair ViT runs ~300 pairs/s at 32-96 pairs per pass, 275 at 128, 200 at
     # 256, and the descriptor 392 images/s at 64 against 360 at 128 (larger batches fall out of cache)
     batch_size: int = opt(64, "images (descriptor) or pairs (pair ViT) per forward pass")
@@ -194,18 +202,20 @@ def reference_index(procs: Processes, model, references: dict[str, Path], report
     index = None
     if (folder / ix.META_FILE).is_file():
         index = ix.ReferenceIndex.load(folder, expected_model_args=ix.model_args_of(model),
-                                       expected_fingerprint=ix.model_fingerprint(model))
+                                       expected_fingerprint=ix.model_fingerprint(model),
+                                       expected_reference_views=cfg.reference_views)
         index.nprobe = cfg.nprobe
         stale = len(set(index.ids) - set(references))
         if stale:
             log.warning("%d references in index %s are not in %s; they can still be matched", stale, folder,
                         cfg.references)
     todo = {i: p for i, p in references.items() if index is None or i not in index}
-    ids, vectors, _ = embed_split(procs, model, todo, report, "full", cfg, "references")
+    ids, vectors, owner = embed_split(procs, model, todo, report, cfg.reference_views, cfg, "references")
     if index is None:
-        index = ix.ReferenceIndex.build(ids, vectors, cfg.factory, ix.index_metadata(model), nprobe=cfg.nprobe)
+        index = ix.ReferenceIndex.build(ids, vectors, cfg.factory, ix.reference_metadata(model, cfg.reference_views),
+                                        nprobe=cfg.nprobe, view_owner=owner)
     else:
-        index.add(ids, vectors)
+        index.add(ids, vectors, owner)
     if len(index) == 0:
         raise ValueError(f"no usable reference images in {cfg.references}")
     if procs.is_main and (ids or not (folder / ix.META_FILE).is_file()):
@@ -220,7 +230,8 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
     key = {"queries": cache.listing(queries), "references": cache.listing(references),
            "model": ix.model_fingerprint(model),
            **{k: getattr(cfg, k) for k in ("k", "views", "factory", "nprobe", "background", "background_n",
-                                           "background_beta", "amp", "subview_penalty")}}
+                                           "background_beta", "amp", "subview_penalty", "reference_views",
+                                           "reference_penalty")}}
     folder = cache.stage_dir(work_folder(cfg) / "shortlist", key, procs)
     if (folder / "shortlist.csv").is_file():
         cache.load_report(folder / "skipped.json", report)
@@ -242,7 +253,7 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
     stats["embedded"] += len(queries)
     mine = ix.search_views(index, q_ids, q_vectors, owner, cfg.k, background, cfg.background_n,
                            cfg.background_beta, progress=cfg.progress and procs.is_main and "search",
-                           subview_penalty=cfg.subview_penalty)
+                           subview_penalty=cfg.subview_penalty, reference_penalty=cfg.reference_penalty)
     # Every process takes the shortlist as written to the cache, so a fresh and a resumed run continue from
     # exactly the same values.
     text = pd.concat(procs.gather([mine]), ignore_index=True).to_csv(index=False, float_format="%.8g")

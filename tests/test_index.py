@@ -170,6 +170,60 @@ def test_subview_penalty_lowers_every_view_but_the_whole_image():
     assert sub[sub.query_id == "r"].score.iloc[0] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_reference_views_merge_by_max_with_their_penalty_and_count_as_one_reference():
+    e = np.eye(4, dtype=np.float32)
+    # A: whole image e0 and one sub-view e1; B: whole image only, e2
+    index = ix.ReferenceIndex.build(["A", "B"], e[[0, 1, 2]], view_owner=np.array([0, 0, 1]),
+                                    metadata={"reference_views": "halves"})
+    assert len(index) == 2 and index.n_rows == 3 and index.ids == ["A", "B"]
+    crop_query = unit([[0.0, 0.8, 0.6, 0.0]])  # a crop of A (its sub-view 0.8), a bit like B (0.6)
+    scores, ids = index.search(crop_query, 2)  # k references -> up to k x 2 rows, A twice
+    assert sorted(ids[0]) == ["A", "A", "B"]
+    sub = ix.search_views(index, ["q"], crop_query, np.array([0]), k=2, reference_penalty=0.1)
+    assert list(sub.reference_id) == ["A", "B"]
+    assert sub.score.tolist() == pytest.approx([0.8 - 0.1, 0.6], abs=1e-6)
+    sub = ix.search_views(index, ["q"], crop_query, np.array([0]), k=2, reference_penalty=0.3)
+    assert list(sub.reference_id) == ["B", "A"]  # the whole image of B now beats A's penalised sub-view
+    assert sub.score.tolist() == pytest.approx([0.6, 0.5], abs=1e-6)
+
+
+def test_reference_views_round_trip_add_and_refuse_other_views(tmp_path):
+    vectors = random_unit(9, 8)
+    index = ix.ReferenceIndex.build(["A", "B"], vectors[:6], view_owner=np.array([0, 0, 0, 1, 1, 1]),
+                                    metadata={"reference_views": "halves"})
+    index.add(["C"], vectors[6:], np.array([0, 0, 0]))
+    with pytest.raises(ValueError, match="do not line up"):
+        index.add(["D", "E"], vectors[:2], np.array([0, 0]))  # E has no row
+    index.save(tmp_path / "idx")
+    loaded = ix.ReferenceIndex.load(tmp_path / "idx", expected_reference_views="halves")
+    assert loaded.ids == ["A", "B", "C"] and loaded.n_rows == 9 and loaded.reference_views == "halves"
+    query = vectors[7:8]  # a sub-view of C
+    for penalty in (0.0, 0.1):
+        np.testing.assert_array_equal(index.search(query, 3, subview_penalty=penalty)[1],
+                                      loaded.search(query, 3, subview_penalty=penalty)[1])
+    with pytest.raises(ix.IndexMismatchError, match="reference views 'halves', not the 'full' asked for"):
+        ix.ReferenceIndex.load(tmp_path / "idx", expected_reference_views="full")
+    ix.ReferenceIndex.build(["Z"], vectors[:1]).save(tmp_path / "old")  # an index saved before reference views
+    assert ix.ReferenceIndex.load(tmp_path / "old", expected_reference_views="full").reference_views == "full"
+
+
+def test_update_reference_index_embeds_reference_views(model, demo_photos):
+    refs = dict(list(demo_photos.items())[:3])
+    index = ix.update_reference_index(model, refs, views="halves")
+    assert len(index) == 3 and index.n_rows == 3 * n_views("halves") and index.reference_views == "halves"
+    more = dict(list(demo_photos.items())[3:5])
+    ix.update_reference_index(model, more, index, views="halves")
+    assert len(index) == 5 and index.n_rows == 5 * n_views("halves")
+    with pytest.raises(ix.IndexMismatchError, match="reference views 'halves', not 'full'"):
+        ix.update_reference_index(model, more, index, views="full")
+    with pytest.raises(ValueError, match="unknown reference views"):
+        ix.update_reference_index(model, more, None, views="regions")
+    # an unedited reference still finds itself first, with its whole-image similarity
+    sub = ix.shortlist(model, refs, refs, k=2, reference_views="halves")
+    top = sub.groupby("query_id").head(1)
+    assert (top.query_id == top.reference_id).all() and np.allclose(top.score, 1.0, atol=1e-4)
+
+
 def test_subview_mask_marks_all_but_the_first_view_of_each_image():
     np.testing.assert_array_equal(ix.subview_mask(np.array([0, 0, 0, 1, 2, 2])),
                                   [False, True, True, False, False, True])

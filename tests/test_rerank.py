@@ -142,13 +142,14 @@ def test_saved_index_is_reused_extended_and_refused_for_another_model(folders, c
     queries, refs, originals = folders
     index_dir = tmp_path / "ref_index"
     first = rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint, index=str(index_dir)))
-    assert ix.ReferenceIndex.read_metadata(index_dir)["n"] == 6
+    meta = ix.ReferenceIndex.read_metadata(index_dir)
+    assert meta["n_references"] == 6 and meta["n"] == 6 * 5 and meta["reference_views"] == "halves"
     extra = sorted(data.list_images(pair_vit.demo_dir() / "clothing_cc0").values())[10]
     shutil.copy(extra, refs / extra.name)
     shutil.copy(extra, queries / "Qextra.jpg")
     second = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, index=str(index_dir)))
     meta = ix.ReferenceIndex.read_metadata(index_dir)
-    assert meta["n"] == 7 and meta["model_args"]["embed_dim"] == 32
+    assert meta["n_references"] == 7 and meta["model_args"]["embed_dim"] == 32
     assert "(7 references, 1 new)" in caplog.text  # only the new reference was embedded
     assert second[second.query_id == "Qextra"].reference_id.iloc[0] == extra.stem
     for sub in (first, second[second.query_id != "Qextra"]):
@@ -159,6 +160,9 @@ def test_saved_index_is_reused_extended_and_refused_for_another_model(folders, c
     retrained = make_checkpoint(tmp_path / "retrained.pt", seed=1)
     with pytest.raises(ix.IndexMismatchError, match="other descriptor weights"):
         rerank.run(config(queries, refs, tmp_path / "c.csv", retrained, index=str(index_dir)))
+    with pytest.raises(ix.IndexMismatchError, match="reference views 'halves', not the 'full'"):
+        rerank.run(config(queries, refs, tmp_path / "c.csv", checkpoint, index=str(index_dir),
+                          reference_views="full"))
 
 
 def test_background_normalisation_and_max_per_query(folders, checkpoint, tmp_path):
