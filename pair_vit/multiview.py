@@ -17,7 +17,9 @@ the image (left, top, right, bottom):
 
 Cost: a query costs (number of views) descriptor forward passes and faiss searches, i.e. 5x ("halves") or
 14x ("grid") the "full" cost; images are decoded once per query, whatever the number of views. References
-are always embedded as one full view. Measured with the default descriptor (untrained resnet10t, 160 px,
+are embedded as one of `REFERENCE_VIEWS` (the whole image, or with its halves or grid cells too, for queries
+that show only part of a reference: a tight crop); the index then holds several rows per reference, merged
+by max after `REFERENCE_SUBVIEW_PENALTY` (see `pair_vit.index`). Measured with the default descriptor (untrained resnet10t, 160 px,
 256-d, bf16) on 80 demo-benchmark queries, 2 shared CPU cores (noisy): full 80 descriptors in 0.4-2.7 s,
 halves 400 in 1.4-6.0 s, grid 1120 in 15 s (num_workers=1; decoding in the main process doubles the
 multi-view times); faiss search + merge < 0.05 s at this size, so the cost is the forward passes.
