@@ -194,8 +194,7 @@ def run(cfg: CalibrateConfig) -> Calibration:
                                descriptor_checkpoint=cfg.descriptor_checkpoint, pair_views=list(cfg.pair_views),
                                views=cfg.views, subview_penalty=cfg.subview_penalty,
                                reference_views=cfg.reference_views, reference_penalty=cfg.reference_penalty,
-                               calibration="none",
-                               verify=cfg.verify)
+                               calibration="none", verify=cfg.verify)
     rows, gt = rerank.match(rcfg).rows, layout.load_ground_truth()
     labels = evaluation.label_predictions(rows, gt)
     logit, sim, queries = rows.logit.to_numpy(), rows.score.to_numpy(), rows.query_id.to_numpy()

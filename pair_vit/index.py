@@ -238,12 +238,8 @@ class ReferenceIndex:
         faiss = _faiss()
         folder = Path(folder)
         meta = cls.read_metadata(folder)
-        check_compatible(meta, folder, expected_model_args, expected_fingerprint, expected_dim)
-        views = meta.get("reference_views", "full")
-        if expected_reference_views is not None and views != expected_reference_views:
-            raise IndexMismatchError(f"reference index {folder} holds reference views {views!r}, not the "
-                                     f"{expected_reference_views!r} asked for; rebuild it (delete {folder}) or "
-                                     f"ask for {views!r}")
+        check_compatible(meta, folder, expected_model_args, expected_fingerprint, expected_dim,
+                         expected_reference_views)
         index = faiss.read_index(str(folder / meta["index_file"]))
         ids = json.loads((folder / meta["ids_file"]).read_text())
         if index.ntotal != len(ids) or len(ids) != meta["n"]:
@@ -255,8 +251,15 @@ class ReferenceIndex:
 
 
 def check_compatible(meta: dict[str, Any], where: Any, expected_model_args: dict | None = None,
-                     expected_fingerprint: str | None = None, expected_dim: int | None = None) -> None:
-    """Raise IndexMismatchError naming what differs between a saved index's metadata and the model."""
+                     expected_fingerprint: str | None = None, expected_dim: int | None = None,
+                     expected_reference_views: str | None = None) -> None:
+    """Raise IndexMismatchError naming what differs between a saved index's metadata and the model (or the
+    reference views asked for; an index saved without them holds "full")."""
+    views = meta.get("reference_views", "full")
+    if expected_reference_views is not None and views != expected_reference_views:
+        raise IndexMismatchError(f"reference index {where} holds reference views {views!r}, not the "
+                                 f"{expected_reference_views!r} asked for; rebuild it (delete {where}) or "
+                                 f"ask for {views!r}")
     hint = f"rebuild it (delete {where}) or use the descriptor checkpoint it was built with"
     if expected_dim is not None and int(meta.get("embed_dim", -1)) != int(expected_dim):
         raise IndexMismatchError(f"reference index {where} holds {meta.get('embed_dim')}-dimensional descriptors "
