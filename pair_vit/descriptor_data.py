@@ -58,6 +58,8 @@ def cache_key(items: list[tuple[str, Path]], cfg: TrainDescriptorConfig) -> str:
     h = hashlib.sha256()
     settings = {k: getattr(cfg, k) for k in ("image_size", "views_per_photo", "edit_side", "n_edits_max",
                                              "intensity_end", "seed")}
+    if cfg.edit_weights:  # only when set, so caches made before the setting existed keep their keys
+        settings["edit_weights"] = sorted(cfg.edit_weights)
     h.update(json.dumps({"version": CACHE_VERSION, **settings}, sort_keys=True).encode())
     for image_id, path in items:
         st = path.stat()
@@ -85,10 +87,11 @@ def _make_views(i: int, path: Path, donor_paths: list[Path], cfg: TrainDescripto
     # Stratified intensities: view j lies in [j/K, (j+1)/K) * intensity_end, so every cap finds some view.
     intensity = ((np.arange(k) + rng.uniform(size=k)) / max(k, 1) * cfg.intensity_end).astype(np.float32)
     failures: list[str] = []
+    weights = edits.parse_weights(cfg.edit_weights)
     for j in range(k):
         for attempt in range(3):
             chain = edits.sample_chain(np.random.default_rng([cfg.seed, i, j, attempt]), float(intensity[j]),
-                                       (1, cfg.n_edits_max), n_donors=len(donors))
+                                       (1, cfg.n_edits_max), n_donors=len(donors), weights=weights)
             try:
                 views[j] = to_uint8_square(edits.apply_chain(image, chain, donors), side)
                 break
@@ -340,7 +343,8 @@ class StepBatches(torch.utils.data.Dataset):
         donors = [Image.fromarray(np.array(self.cache.clean[donor]))] if donor != i else []
         try:
             query, _ = edits.make_query(image, rng, intensity=float(rng.uniform(0, cap)), donors=donors,
-                                        n_edits=(1, self.cfg.n_edits_max))
+                                        n_edits=(1, self.cfg.n_edits_max),
+                                        weights=edits.parse_weights(self.cfg.edit_weights))
         except Exception:
             query = image
         return to_uint8_square(query, self.cfg.image_size)

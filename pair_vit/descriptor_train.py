@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("backbone", "embed_dim", "image_size", "gem_p", "pretrained")
 DATA_KEYS = ("train_dir", "split", "split_seed", "dev_fraction", "seed", "views_per_photo", "edit_side",
-             "n_edits_max", "intensity_start", "intensity_end", "ramp_fraction", "hard_fraction", "group_size",
-             "neighbours", "mine_every", "jitter")
+             "n_edits_max", "edit_weights", "intensity_start", "intensity_end", "ramp_fraction", "hard_fraction",
+             "group_size", "neighbours", "mine_every", "jitter")
 LOSS_KEYS = ("batch_size", "temperature", "learn_temperature", "memory_size", "init_from")
 # A resumed run must match the saved one in these; lr, max_steps, checkpointing, workers... may change.
 RESUME_KEYS = MODEL_KEYS + DATA_KEYS + LOSS_KEYS
@@ -103,6 +103,8 @@ class TrainDescriptorConfig:
     views_per_photo: int = opt(12, "edited views cached per photo (0: edit on the fly every step, slower)")
     edit_side: int = opt(0, "longest side photos are decoded at before editing (0: 2 x image_size)")
     n_edits_max: int = opt(3, "each edited view gets a chain of 1..n_edits_max edits")
+    edit_weights: list[str] = opt([], "FAMILY=WEIGHT ...: draw these edit families more (or less) often than "
+                                      "the others (weight 1); empty: uniform")
     intensity_start: float = opt(0.3, "edit-intensity cap at step 0 (0 mild .. 1 hardest)")
     intensity_end: float = opt(1.0, "edit-intensity cap at the end of the ramp")
     ramp_fraction: float = opt(0.5, "fraction of max_steps over which the cap ramps up")
@@ -169,6 +171,9 @@ def _check_config(cfg: TrainDescriptorConfig) -> None:
         (cfg.log_every < 1, "log_every must be >= 1"), (cfg.neighbours < 1, "neighbours must be >= 1")] if bad]
     if problems:
         raise ValueError("; ".join(problems))
+    from pair_vit.edits import parse_weights  # heavy import, needed by the run anyway
+
+    parse_weights(cfg.edit_weights)  # a typo fails here, not in the cache workers
 
 
 def _resume_state(cfg: TrainDescriptorConfig, out: Path) -> dict | None:

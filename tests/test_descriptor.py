@@ -243,6 +243,14 @@ def test_corrupt_images_are_skipped_and_counted(photos, tmp_path):
     assert (tmp_path / "run" / "descriptor.pt").is_file()
 
 
+def test_edit_weights_train_and_a_typo_is_refused_before_the_cache(photos, tmp_path):
+    result = T.train(tiny_config(photos, tmp_path / "run", edit_weights=["paste_onto=3", "blur=2"]))
+    assert result["step"] == 2 and np.isfinite(result["last"]["loss"])
+    with pytest.raises(ValueError, match="unknown edit family 'blurr'"):
+        T.train(tiny_config(photos, tmp_path / "typo", edit_weights=["blurr=2"]))
+    assert not (tmp_path / "typo" / "cache").exists()
+
+
 def test_too_few_usable_images(photos, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -41,6 +41,7 @@ def test_cache_build_open_and_reuse(train_photos, tmp_path):
     cfg, items = small_config(), items_of(folder)
     built = DD.build_cache(items, cfg, tmp_path / "cache", progress=False)
     assert built.name == DD.cache_key(items, cfg) != DD.cache_key(items, small_config(seed=1))
+    assert DD.cache_key(items, cfg) != DD.cache_key(items, small_config(edit_weights=["blur=3"]))
     cache = DD.open_cache(built)
     assert len(cache.ids) == 4 and "broken" not in cache.ids and cache.skipped[0][0].endswith("broken.jpg")
     assert cache.clean[0].shape == (40, 40, 3) and cache.views[0].shape == (2, 32, 32, 3)  # clean: 1.25 x size

@@ -8,7 +8,8 @@ from PIL import Image
 
 import albumentations as A
 import pair_vit
-from pair_vit.edits import DONOR_FAMILIES, EDIT_FAMILIES, Edit, apply_chain, make_query, sample_chain
+from pair_vit.edits import (DONOR_FAMILIES, EDIT_FAMILIES, Edit, apply_chain, make_query, parse_weights,
+                            sample_chain)
 from pair_vit.edits.base import albu
 from pair_vit.edits.battery import FAMILIES
 
@@ -115,6 +116,32 @@ def test_sample_chain_rejects_bad_arguments():
         sample_chain(np.random.default_rng(0), families=["collage"], n_donors=0)
     with pytest.raises(ValueError, match="intensity"):
         sample_chain(np.random.default_rng(0), intensity=1.5)
+
+
+def test_sample_chain_weights_shift_the_draws():
+    def counts(weights):
+        names = [e.name for s in range(600) for e in sample_chain(np.random.default_rng(s), 0.5, (1, 1),
+                                                                   n_donors=1, weights=weights)]
+        return {n: names.count(n) for n in EDIT_FAMILIES}
+
+    uniform, weighted = counts(None), counts({"blur": 5.0, "jpeg": 0.0})
+    # 600 single edits over 25 families: ~24 each uniformly; blur at 5x weight ~103 (5/29 of the draws)
+    assert 10 <= uniform["blur"] <= 45 and weighted["blur"] >= 70
+    assert uniform["jpeg"] > 0 and weighted["jpeg"] == 0
+    # no weights and empty weights draw exactly what the sampler drew before weights existed
+    assert all(sample_chain(np.random.default_rng(s), 0.7) == sample_chain(np.random.default_rng(s), 0.7, weights={})
+               for s in range(20))
+
+
+def test_parse_weights_and_bad_weights():
+    assert parse_weights(["blur=2", " paste_onto = 3.5"]) == {"blur": 2.0, "paste_onto": 3.5}
+    assert parse_weights([]) == {}
+    for bad, message in [("blur", "FAMILY=WEIGHT"), ("blur=x", "FAMILY=WEIGHT"), ("blur=-1", ">= 0"),
+                         ("sepia=2", "unknown edit family 'sepia'")]:
+        with pytest.raises(ValueError, match=message):
+            parse_weights([bad])
+    with pytest.raises(ValueError, match="non-zero weight"):
+        sample_chain(np.random.default_rng(0), families=["crop", "jpeg"], n_edits=(2, 2), weights={"jpeg": 0})
 
 
 def test_chain_order_geometry_first_jpeg_last():

@@ -21,7 +21,8 @@ from .battery import (  # noqa: E402
     Edit,
     apply_chain,
     make_query,
+    parse_weights,
     sample_chain,
 )
 
-__all__ = ["EDIT_FAMILIES", "DONOR_FAMILIES", "Edit", "sample_chain", "apply_chain", "make_query"]
+__all__ = ["EDIT_FAMILIES", "DONOR_FAMILIES", "Edit", "sample_chain", "apply_chain", "make_query", "parse_weights"]

@@ -11,7 +11,7 @@ The family implementations live in ``geometry.py``, ``pixels.py`` and ``overlays
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -69,12 +69,15 @@ def _candidates(families: Sequence[str] | None, n_donors: int) -> list[str]:
 
 
 def sample_chain(rng: np.random.Generator, intensity: float = 0.5, n_edits: tuple[int, int] = (1, 3),
-                 families: Sequence[str] | None = None, n_donors: int = 0) -> list[Edit]:
+                 families: Sequence[str] | None = None, n_donors: int = 0,
+                 weights: Mapping[str, float] | None = None) -> list[Edit]:
     """Sample a chain of ``n_edits[0]..n_edits[1]`` (inclusive) edits of distinct families.
 
     ``families`` restricts the pool (default: all); donor families are dropped when ``n_donors`` is 0.
-    The count is capped at the pool size. Edits come out ordered by stage (geometry, colour,
-    overlays, degradations, JPEG), in random order within a stage.
+    ``weights`` makes some families likelier than others (family -> relative weight, 1 where absent;
+    None or empty: uniform, the same draws as before weights existed). The count is capped at the
+    pool size. Edits come out ordered by stage (geometry, colour, overlays, degradations, JPEG), in
+    random order within a stage.
     """
     rng = np.random.default_rng(rng)  # passes a Generator through unchanged, accepts an int seed
     if not 0.0 <= float(intensity) <= 1.0:
@@ -84,9 +87,38 @@ def sample_chain(rng: np.random.Generator, intensity: float = 0.5, n_edits: tupl
         raise ValueError(f"n_edits must be (lo, hi) with 1 <= lo <= hi, got {n_edits!r}")
     names = _candidates(families, n_donors)
     count = min(int(rng.integers(lo, hi + 1)), len(names))
-    picked = [names[i] for i in rng.permutation(len(names))[:count]]
+    picked = [names[i] for i in _draw(rng, names, count, weights)]
     chain = [_sample_edit(rng, name, float(intensity), n_donors) for name in picked]
     return sorted(chain, key=lambda e: FAMILIES[e.name].stage)  # stable sort keeps the random order
+
+
+def _draw(rng: np.random.Generator, names: list[str], count: int, weights: Mapping[str, float] | None):
+    """Indices of ``count`` distinct families, uniformly or by ``weights``."""
+    if not weights:
+        return rng.permutation(len(names))[:count]
+    for name, w in weights.items():
+        _family(name)
+        if not w >= 0:
+            raise ValueError(f"edit weight for {name!r} must be >= 0, got {w!r}")
+    p = np.array([float(weights.get(n, 1.0)) for n in names])
+    if np.count_nonzero(p) < count:
+        raise ValueError(f"only {np.count_nonzero(p)} families have a non-zero weight; a chain needs {count}")
+    return rng.choice(len(names), size=count, replace=False, p=p / p.sum())
+
+
+def parse_weights(items: Sequence[str]) -> dict[str, float]:
+    """``["blur=2", "paste_onto=3"]`` -> ``{"blur": 2.0, "paste_onto": 3.0}`` (command-line / YAML form)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, _, value = str(item).partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"edit weight {item!r}: expected FAMILY=WEIGHT, e.g. blur=2") from None
+        if not weight >= 0:
+            raise ValueError(f"edit weight {item!r}: the weight must be >= 0")
+        out[_family(name.strip()).name] = weight
+    return out
 
 
 def _sample_edit(rng: np.random.Generator, name: str, t: float, n_donors: int) -> Edit:
@@ -118,11 +150,12 @@ def apply_chain(image: Image.Image, chain: Sequence[Edit], donors: Sequence[Imag
 
 
 def make_query(image: Image.Image, rng: np.random.Generator | int, intensity: float = 0.5, donors=(),
-               n_edits: tuple[int, int] = (1, 3), families: Sequence[str] | None = None
-               ) -> tuple[Image.Image, list[str]]:
+               n_edits: tuple[int, int] = (1, 3), families: Sequence[str] | None = None,
+               weights: Mapping[str, float] | None = None) -> tuple[Image.Image, list[str]]:
     """Sample a chain (donor families only if ``donors`` is non-empty), apply it to ``image``.
 
     Returns the edited RGB image and the names of the families applied, in order.
     """
-    chain = sample_chain(np.random.default_rng(rng), intensity, n_edits, families, n_donors=len(donors))
+    chain = sample_chain(np.random.default_rng(rng), intensity, n_edits, families, n_donors=len(donors),
+                         weights=weights)
     return apply_chain(image, chain, donors), [e.name for e in chain]
