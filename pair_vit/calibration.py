@@ -31,10 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pair_vit.config import opt
-from pair_vit.index import similarity_margin
 from pair_vit.multiview import REFERENCE_SUBVIEW_PENALTY, REFERENCE_VIEWS, SUBVIEW_PENALTY, VIEWS
+
+
+def similarity_margin(query_ids: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+    """(N,) pairs of whole shortlists -> (N,) float64: each pair's similarity minus the best similarity among
+    the other pairs of its query (0 for a query with a single pair)."""
+    sim = pd.Series(np.asarray(similarity, np.float64))
+    queries = pd.Series(np.asarray(query_ids))
+    groups = sim.groupby(queries, sort=False)
+    top = groups.transform("idxmax").to_numpy() == np.arange(len(sim))  # one top pair per query
+    runner_up = sim.where(~top, -np.inf).groupby(queries, sort=False).transform("max")
+    other = np.where(top, runner_up, groups.transform("max"))  # the top pair is compared with the runner-up
+    return np.where(np.isfinite(other), sim - other, 0.0)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import pandas as pd
 
 from pair_vit import baselines, data
 from pair_vit import eval as evaluation
+from pair_vit.calibration import similarity_margin
 from pair_vit.config import opt, save_config
 from pair_vit.io import atomic_path, write_text_atomic
 from pair_vit.multiview import REFERENCE_VIEWS, VIEWS
@@ -93,9 +94,8 @@ def artefact_name(method: str, variant: str) -> str:
 def _metrics_row(name: str, variant: str, submission: pd.DataFrame, gt: pd.DataFrame, seconds: float,
                  n_images: int, n_queries: int) -> dict:
     m = evaluation.evaluate(submission, gt)
-    from pair_vit.index import recall_at_k
 
-    recalls = recall_at_k(submission, gt, RECALL_KS)
+    recalls = evaluation.recall_at_k(submission, gt, RECALL_KS)
     return {"method": name, "variant": variant, "uAP": m.uap, "recall@P90": m.recall_at_p90,
             "threshold@P90": m.threshold_at_p90, "recall@1": m.recall_at_1,
             **{f"R@{k}": v for k, v in recalls.items()},
@@ -154,7 +154,7 @@ def descriptor_results(layout: data.DiscLayout, cfg: CompareConfig) -> list[Resu
             sub, s_sec = _timed(lambda: ix.search_views(index, q_ids, q_vec, owner, cfg.k, background))
             rows.append(("descriptor", views + name, sub, ref_sec + q_sec + s_sec))
             if not name:  # the shortlist margin (`rerank.py --descriptor-only --margin`): free, no background
-                margin = sub.score + ix.similarity_margin(sub.query_id.to_numpy(), sub.score.to_numpy())
+                margin = sub.score + similarity_margin(sub.query_id.to_numpy(), sub.score.to_numpy())
                 rows.append(("descriptor", views + "+margin", sub.assign(score=margin), ref_sec + q_sec + s_sec))
         if views != "full":
             sub, s_sec = _timed(lambda: ix.search_views(index, q_ids, q_vec, owner, cfg.k, subview_penalty=0.0,

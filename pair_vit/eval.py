@@ -18,7 +18,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -280,6 +280,24 @@ def evaluate(predictions: pd.DataFrame, ground_truth: pd.DataFrame) -> Metrics:
     pred = validate_submission(predictions, "predictions")
     gt = validate_ground_truth(ground_truth)
     return _summarize(pred, label_predictions(pred, gt), len(gt), int(gt.query_id.nunique()))
+
+
+def recall_at_k(submission: pd.DataFrame, ground_truth: pd.DataFrame,
+                ks: Iterable[int] = (1, 5, 10, 20, 50)) -> dict[int, float]:
+    """Fraction of ground-truth (query, reference) pairs whose reference is among the query's k
+    highest-scoring predictions, for each k (ties keep submission order). NaN without ground truth."""
+    ks = [int(k) for k in ks]
+    gt = ground_truth[["query_id", "reference_id"]].astype(str)
+    gt = gt[gt.reference_id != ""].drop_duplicates()
+    if len(gt) == 0:
+        return {k: float("nan") for k in ks}
+    sub = submission[["query_id", "reference_id", "score"]].copy()
+    sub[["query_id", "reference_id"]] = sub[["query_id", "reference_id"]].astype(str)
+    sub = sub.sort_values(["query_id", "score"], ascending=[True, False], kind="stable")
+    sub["rank"] = sub.groupby("query_id").cumcount() + 1
+    sub = sub.drop_duplicates(["query_id", "reference_id"])  # keep the best rank of a repeated pair
+    ranks = gt.merge(sub, on=["query_id", "reference_id"], how="left")["rank"].to_numpy(dtype=np.float64)
+    return {k: float(np.mean(np.nan_to_num(ranks, nan=np.inf) <= k)) for k in ks}
 
 
 def edit_families(edits: pd.DataFrame, positive_queries: set[str]) -> dict[str, set[str]]:

@@ -419,33 +419,3 @@ def nearest_neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
         out[start:start + block] = np.take_along_axis(top, order, axis=1)
     return out
-
-
-def similarity_margin(query_ids: np.ndarray, similarity: np.ndarray) -> np.ndarray:
-    """(N,) pairs of whole shortlists -> (N,) float64: each pair's similarity minus the best similarity among
-    the other pairs of its query (0 for a query with a single pair)."""
-    sim = pd.Series(np.asarray(similarity, np.float64))
-    queries = pd.Series(np.asarray(query_ids))
-    groups = sim.groupby(queries, sort=False)
-    top = groups.transform("idxmax").to_numpy() == np.arange(len(sim))  # one top pair per query
-    runner_up = sim.where(~top, -np.inf).groupby(queries, sort=False).transform("max")
-    other = np.where(top, runner_up, groups.transform("max"))  # the top pair is compared with the runner-up
-    return np.where(np.isfinite(other), sim - other, 0.0)
-
-
-def recall_at_k(submission: pd.DataFrame, ground_truth: pd.DataFrame,
-                ks: Iterable[int] = (1, 5, 10, 20, 50)) -> dict[int, float]:
-    """Fraction of ground-truth (query, reference) pairs whose reference is among the query's k
-    highest-scoring predictions, for each k (ties keep submission order). NaN without ground truth."""
-    ks = [int(k) for k in ks]
-    gt = ground_truth[["query_id", "reference_id"]].astype(str)
-    gt = gt[gt.reference_id != ""].drop_duplicates()
-    if len(gt) == 0:
-        return {k: float("nan") for k in ks}
-    sub = submission[["query_id", "reference_id", "score"]].copy()
-    sub[["query_id", "reference_id"]] = sub[["query_id", "reference_id"]].astype(str)
-    sub = sub.sort_values(["query_id", "score"], ascending=[True, False], kind="stable")
-    sub["rank"] = sub.groupby("query_id").cumcount() + 1
-    sub = sub.drop_duplicates(["query_id", "reference_id"])  # keep the best rank of a repeated pair
-    ranks = gt.merge(sub, on=["query_id", "reference_id"], how="left")["rank"].to_numpy(dtype=np.float64)
-    return {k: float(np.mean(np.nan_to_num(ranks, nan=np.inf) <= k)) for k in ks}

@@ -37,7 +37,7 @@ import pandas as pd
 from pair_vit import cache, data
 from pair_vit import eval as evaluation
 from pair_vit import index as ix
-from pair_vit.calibration import Calibration
+from pair_vit.calibration import Calibration, similarity_margin
 from pair_vit.config import opt, save_config
 from pair_vit.io import atomic_path, write_text_atomic
 from pair_vit.multiview import REFERENCE_VIEWS, VIEWS
@@ -112,7 +112,7 @@ class RerankConfig:
     background_n: int = opt(1, "score normalisation: number of nearest background photos averaged")
     background_beta: float = opt(1.0, "score normalisation: weight of the background term")
     margin: bool = opt(False, "--descriptor-only scores: similarity plus its margin over the query's best other "
-                              "shortlisted reference (index.similarity_margin; comparable across queries)")
+                              "shortlisted reference (calibration.similarity_margin; comparable across queries)")
     overwrite: bool = opt(False, "replace an existing output file")
     progress: bool = opt(True, "progress bars")
 
@@ -137,7 +137,7 @@ class Matches:
             sub["score"] = self.calibration.apply(self.rows.logit.to_numpy(), self.rows.score.to_numpy(),
                                                   self.rows.query_id.to_numpy(), inliers)
         elif self.margin:
-            sub["score"] = sub.score + ix.similarity_margin(sub.query_id.to_numpy(), sub.score.to_numpy())
+            sub["score"] = sub.score + similarity_margin(sub.query_id.to_numpy(), sub.score.to_numpy())
         return sub
 
 

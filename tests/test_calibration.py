@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pair_vit import calibration
-from pair_vit.calibration import Calibration, cross_fit, fit
+from pair_vit.calibration import Calibration, cross_fit, fit, similarity_margin
 
 
 def test_identity_is_the_sigmoid_of_the_logit():
@@ -130,3 +130,10 @@ def test_inliers_are_learned_and_cross_fitted():
     assert Calibration.from_dict(with_inl.to_dict()) == with_inl
     line = calibration.separability(logit, sim, labels, inliers)
     assert "SIFT inliers" in line
+
+
+def test_similarity_margin_by_hand():
+    q = np.array(["a", "a", "a", "b", "c", "c"])
+    sim = np.array([0.9, 0.5, 0.7, 0.3, 0.6, 0.6])
+    # a: top 0.9 vs runner-up 0.7; the others vs the top. b: alone. c: a tie, nobody stands out
+    np.testing.assert_allclose(similarity_margin(q, sim), [0.2, -0.4, -0.2, 0.0, 0.0, 0.0], atol=1e-12)

@@ -12,7 +12,7 @@ import pytest
 
 from pair_vit.eval import (EvalInputError, evaluate, micro_average_precision, per_edit_breakdown,
                            precision_recall_curve, read_edits, read_ground_truth, read_submission,
-                           recall_at_1, recall_at_precision)
+                           recall_at_1, recall_at_k, recall_at_precision)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 
@@ -258,3 +258,12 @@ def test_script_bad_submission_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.csv" in lines[0] and "score" in lines[0]
+
+
+def test_recall_at_k():
+    sub = pd.DataFrame({"query_id": ["q1", "q1", "q1", "q2", "q2"], "reference_id": ["a", "b", "c", "x", "y"],
+                        "score": [0.9, 0.8, 0.7, 0.5, 0.9]})
+    gt = pd.DataFrame({"query_id": ["q1", "q2", "q3"], "reference_id": ["b", "y", "z"]})
+    assert recall_at_k(sub, gt, ks=(1, 2, 5)) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3),
+                                           5: pytest.approx(2 / 3)}
+    assert np.isnan(recall_at_k(sub, gt.iloc[:0], ks=(1,))[1])

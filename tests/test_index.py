@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -299,15 +298,6 @@ def test_score_normalisation_lowers_queries_similar_to_all_background():
     np.testing.assert_allclose(half[:, 0], 0.8 - 0.5 * top3.mean(axis=0), atol=1e-5)
 
 
-def test_recall_at_k():
-    sub = pd.DataFrame({"query_id": ["q1", "q1", "q1", "q2", "q2"], "reference_id": ["a", "b", "c", "x", "y"],
-                        "score": [0.9, 0.8, 0.7, 0.5, 0.9]})
-    gt = pd.DataFrame({"query_id": ["q1", "q2", "q3"], "reference_id": ["b", "y", "z"]})
-    assert ix.recall_at_k(sub, gt, ks=(1, 2, 5)) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3),
-                                                      5: pytest.approx(2 / 3)}
-    assert np.isnan(ix.recall_at_k(sub, gt.iloc[:0], ks=(1,))[1])
-
-
 def test_fingerprint_tracks_weights(model):
     from pair_vit.descriptor import build_descriptor
 
@@ -326,10 +316,3 @@ def test_nearest_neighbours_excludes_self_and_sorts():
     assert (np.diff(np.take_along_axis(x @ x.T, table, axis=1), axis=1) <= 1e-6).all()  # best first
     assert ix.nearest_neighbours(x[:3], 10).shape == (3, 2)  # k capped at the other rows
     assert ix.nearest_neighbours(x[:1], 5).shape == (1, 0)
-
-
-def test_similarity_margin_by_hand():
-    q = np.array(["a", "a", "a", "b", "c", "c"])
-    sim = np.array([0.9, 0.5, 0.7, 0.3, 0.6, 0.6])
-    # a: top 0.9 vs runner-up 0.7; the others vs the top. b: alone. c: a tie, nobody stands out
-    np.testing.assert_allclose(ix.similarity_margin(q, sim), [0.2, -0.4, -0.2, 0.0, 0.0, 0.0], atol=1e-12)

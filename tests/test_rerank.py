@@ -89,7 +89,7 @@ def test_descriptor_only_end_to_end_script(folders, checkpoint, tmp_path):
 
 
 def test_descriptor_only_margin(folders, checkpoint, tmp_path):
-    from pair_vit.index import similarity_margin
+    from pair_vit.calibration import similarity_margin
 
     queries, refs, _ = folders
     plain = rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint))
