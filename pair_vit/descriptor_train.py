@@ -15,7 +15,9 @@ i.e. ~0.4 s for a 64-photo batch against ~1 s for the forward/backward of its 12
 step costs ~40% of the step time while the cache costs a one-off minute or two. Training then samples, for
 step s, a cached view whose intensity is at most the curriculum cap (ramping from `intensity_start` to
 `intensity_end` over the first `ramp_fraction` of the steps) plus a light random crop. `views_per_photo 0`
-edits on the fly instead (use `--num-workers 1` then).
+edits on the fly instead (use `--num-workers 1` then). `edit_weights` (`--edit-weights paste_onto=3 blur=2`)
+draws some edit families more often than others (`pair_vit.edits.sample_chain`), to aim training at the edits
+the shortlist misses.
 
 Hard negatives: part of every batch (`hard_fraction`) is made of groups of `group_size` look-alike photos,
 nearest neighbours under a colour/layout thumbnail at first and under the model's own descriptors,
