@@ -11,6 +11,7 @@ The batch of a step is a function of (seed, step, process rank) and of the look-
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -299,6 +300,12 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(0, self.stop - self.first)
 
+    @functools.cached_property
+    def _edit_weights(self) -> dict[str, float]:
+        from pair_vit import edits  # heavy (AugLy/albumentations): only the on-the-fly path needs it
+
+        return edits.parse_weights(self.cfg.edit_weights)
+
     def __getitem__(self, j: int) -> torch.Tensor:
         # Many tiny per-image ops: extra threads only add synchronisation, and on a busy CPU they stall
         # (measured: 0.13 s per 64-photo batch on 1 thread, 0.3-2 s on 2 threads while another job runs).
@@ -344,7 +351,7 @@ class StepBatches(torch.utils.data.Dataset):
         try:
             query, _ = edits.make_query(image, rng, intensity=float(rng.uniform(0, cap)), donors=donors,
                                         n_edits=(1, self.cfg.n_edits_max),
-                                        weights=edits.parse_weights(self.cfg.edit_weights))
+                                        weights=self._edit_weights)
         except Exception:
             query = image
         return to_uint8_square(query, self.cfg.image_size)

@@ -96,10 +96,7 @@ def _draw(rng: np.random.Generator, names: list[str], count: int, weights: Mappi
     """Indices of ``count`` distinct families, uniformly or by ``weights``."""
     if not weights:
         return rng.permutation(len(names))[:count]
-    for name, w in weights.items():
-        _family(name)
-        if not w >= 0:
-            raise ValueError(f"edit weight for {name!r} must be >= 0, got {w!r}")
+    _check_weights(weights)
     p = np.array([float(weights.get(n, 1.0)) for n in names])
     if np.count_nonzero(p) < count:
         raise ValueError(f"only {np.count_nonzero(p)} families have a non-zero weight; a chain needs {count}")
@@ -115,10 +112,16 @@ def parse_weights(items: Sequence[str]) -> dict[str, float]:
             weight = float(value)
         except ValueError:
             raise ValueError(f"edit weight {item!r}: expected FAMILY=WEIGHT, e.g. blur=2") from None
+        out[name.strip()] = weight
+    return _check_weights(out)
+
+
+def _check_weights(weights: Mapping[str, float]) -> Mapping[str, float]:
+    for name, weight in weights.items():
+        _family(name)
         if not weight >= 0:
-            raise ValueError(f"edit weight {item!r}: the weight must be >= 0")
-        out[_family(name.strip()).name] = weight
-    return out
+            raise ValueError(f"edit weight {name}={weight!r}: the weight must be >= 0")
+    return weights
 
 
 def _sample_edit(rng: np.random.Generator, name: str, t: float, n_donors: int) -> Edit:
