@@ -11,7 +11,6 @@ A second table measures how faiss search time grows with the reference-set size 
 """
 from __future__ import annotations
 
-import dataclasses
 import resource
 import sys
 import time
@@ -143,7 +142,7 @@ def descriptor_results(layout: data.DiscLayout, cfg: CompareConfig) -> list[Resu
     embed = dict(batch_size=cfg.batch_size, amp=cfg.amp)
     index, ref_sec = _timed(lambda: ix.update_reference_index(model, r, None, views=cfg.reference_views, **embed))
     full_refs = None
-    if cfg.reference_views != "full":
+    if cfg.reference_views != "full":  # embedded again, not sliced from `index`: its row reports its own time
         full_refs, full_sec = _timed(lambda: ix.update_reference_index(model, r, None, **embed))
     bg_images = _background(cfg)
     bg = ix.build_background(model, bg_images, **embed) if bg_images else None
@@ -192,7 +191,7 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
                                reference_views=cfg.reference_views,
                                verify=cfg.verify, calibration="none", progress=False)
     found, seconds = _timed(lambda: rerank.match(rcfg))
-    stored = rerank.load_pair(dataclasses.replace(rcfg, calibration="checkpoint"))[2]
+    stored = found.stored_calibration
     rows, scored, stats = [], found.rows, found.stats
     shortlist_sec = seconds - stats.get("pair_seconds", 0.0) - stats.get("verify_seconds", 0.0)
     verify_sec = stats.get("verify_seconds", 0.0)

@@ -128,6 +128,7 @@ class Matches:
     calibration: Calibration | None = None
     stats: dict[str, float] = field(default_factory=dict)
     margin: bool = False  # descriptor-only: add `similarity_margin` to the similarity
+    stored_calibration: Calibration | None = None  # the pair checkpoint's own (whatever `calibration` is used)
 
     def submission(self) -> pd.DataFrame:
         """query_id, reference_id, score: calibrated pair score, or the similarity for a shortlist."""
@@ -278,11 +279,16 @@ def load_pair(cfg: RerankConfig):
     if cfg.calibration == "none":
         calibration = Calibration()
     elif cfg.calibration == "checkpoint":
-        stored = (meta.get("extra") or {}).get("calibration")
-        calibration = Calibration.from_dict(stored) if stored else Calibration()
+        calibration = stored_calibration(meta)
     else:
         calibration = Calibration.read(cfg.calibration)
     return model, meta, calibration
+
+
+def stored_calibration(meta: dict) -> Calibration:
+    """The calibration stored in a pair checkpoint's metadata (the identity if none)."""
+    stored = (meta.get("extra") or {}).get("calibration")
+    return Calibration.from_dict(stored) if stored else Calibration()
 
 
 def pair_stage(procs: Processes, model, shortlist: pd.DataFrame, queries: dict[str, Path],
@@ -350,7 +356,7 @@ def match(cfg: RerankConfig, load_model: Callable[[Path], Any] | None = None,
     if cfg.verify != "none":
         verified = verify_stage(procs, rows, queries, references, report, cfg, stats)
         scored = scored.merge(verified, on=["query_id", "reference_id"], how="inner", validate="one_to_one")
-    return Matches(scored, report, pair[2], stats)
+    return Matches(scored, report, pair[2], stats, stored_calibration=stored_calibration(pair[1]))
 
 
 def finalise(submission: pd.DataFrame, max_per_query: int) -> pd.DataFrame:

@@ -225,6 +225,9 @@ def test_rerank_scores_every_candidate_with_the_stored_calibration(folders, chec
                                    pair_views=["full", "rot180"], calibration="none"))
     merged = plain.merge(raw, on=["query_id", "reference_id"], suffixes=("", "_raw"))
     np.testing.assert_allclose(merged.score, 1 / (1 + np.exp(-merged.logit)), rtol=1e-5)
+    found = rerank.match(pair_config(queries, refs, tmp_path / "plain.csv", checkpoint, pair_checkpoint,
+                                     pair_views=["full", "rot180"], calibration="none"))
+    assert found.calibration == Calibration() and found.stored_calibration == Calibration(**CALIBRATION)
 
 
 def test_killed_rerank_resumes_without_redoing_work(folders, checkpoint, pair_checkpoint, tmp_path, monkeypatch):
