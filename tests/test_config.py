@@ -59,8 +59,13 @@ def test_save_round_trip(tmp_path):
     assert again == cfg and again.sizes == [64, 128]
 
 
-@pytest.mark.parametrize("name, module, cls", [("descriptor", "pair_vit.descriptor_train", "TrainDescriptorConfig"),
-                                               ("pairs", "pair_vit.pair_train", "TrainPairsConfig")])
+_DESCRIPTOR = ("pair_vit.descriptor_train", "TrainDescriptorConfig")
+_PAIRS = ("pair_vit.pair_train", "TrainPairsConfig")
+
+
+@pytest.mark.parametrize("name, module, cls", [
+    *[(n, *_DESCRIPTOR) for n in ("descriptor", "descriptor_finetune", "descriptor_stage3", "descriptor_hardneg")],
+    *[(n, *_PAIRS) for n in ("pairs", "pairs_cnn", "pairs_finetune")]])
 def test_shipped_configs_resolve(name, module, cls):
     """The documented training configs stay in step with their dataclasses (no unknown or mistyped keys)."""
     import importlib
