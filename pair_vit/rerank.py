@@ -343,7 +343,8 @@ def match(cfg: RerankConfig, load_model: Callable[[Path], Any] | None = None,
                          "pass --calibration none or a calibration fitted with scripts/calibrate.py --verify none")
     if not queries:
         log.warning("no query images in %s: writing a header-only submission", cfg.queries)
-        return Matches(ix.empty_submission(), report, pair[2] if pair else None, stats)
+        return Matches(ix.empty_submission(), report, pair[2] if pair else None, stats,
+                       stored_calibration=stored_calibration(pair[1]) if pair else None)
     if load_model is None:
         from pair_vit.descriptor import load_descriptor
 

@@ -1,5 +1,6 @@
 """Config resolution: dataclass defaults < YAML file < command-line flags; bad values refused."""
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
@@ -59,20 +60,19 @@ def test_save_round_trip(tmp_path):
     assert again == cfg and again.sizes == [64, 128]
 
 
-_DESCRIPTOR = ("pair_vit.descriptor_train", "TrainDescriptorConfig")
-_PAIRS = ("pair_vit.pair_train", "TrainPairsConfig")
+_CONFIGS = Path(__file__).resolve().parents[1] / "pair_vit" / "configs"
+_TRAINERS = {"descriptor": ("pair_vit.descriptor_train", "TrainDescriptorConfig"),
+             "pairs": ("pair_vit.pair_train", "TrainPairsConfig")}
 
 
-@pytest.mark.parametrize("name, module, cls", [
-    *[(n, *_DESCRIPTOR) for n in ("descriptor", "descriptor_finetune", "descriptor_stage3", "descriptor_hardneg")],
-    *[(n, *_PAIRS) for n in ("pairs", "pairs_cnn", "pairs_finetune")]])
+@pytest.mark.parametrize("name, module, cls", [(p.stem, *_TRAINERS[p.stem.split("_")[0]])
+                                               for p in sorted(_CONFIGS.glob("*.yaml"))])
 def test_shipped_configs_resolve(name, module, cls):
     """The documented training configs stay in step with their dataclasses (no unknown or mistyped keys)."""
     import importlib
-    from pathlib import Path
 
     from pair_vit.config import load_yaml
 
-    path = Path(__file__).resolve().parents[1] / "pair_vit" / "configs" / f"{name}.yaml"
+    path = _CONFIGS / f"{name}.yaml"
     cfg = from_dict(getattr(importlib.import_module(module), cls), load_yaml(path))
     assert not Path(cfg.train_dir).is_absolute() and cfg.output_dir.startswith("runs/")
