@@ -4,7 +4,7 @@ of every step, and the look-alike tables hard negatives are drawn from.
     cache, report = prepare_data(cfg, acc, out)          # the training photos' cache, built if missing:
     folder = build_cache(items, cfg, root, progress)     #   once per photo set and settings, reused afterwards
     cache = open_cache(folder)                           #   memory-mapped clean photos and edited views
-    table = nearest_neighbours(thumbnail_vectors(cache), cfg.neighbours)   # look-alikes at first, then `mine_neighbours`
+    table = training.nearest_neighbours(thumbnail_vectors(cache), cfg.neighbours)  # look-alikes, later `mine_neighbours`
     batches = StepBatches(cache, table, cfg, first, stop, rank)   # item j: the (2B, 3, S, S) views of step first+j
 
 The batch of a step is a function of (seed, step, process rank) and of the look-alike table only.
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from pair_vit import data, training
 from pair_vit.descriptor import Descriptor, normalize_uint8, to_uint8_square
-from pair_vit.index import nearest_neighbours
 
 if TYPE_CHECKING:
     from pair_vit.descriptor_train import TrainDescriptorConfig
@@ -370,4 +369,4 @@ def mine_neighbours(descriptor: Descriptor, cache: ViewCache, cfg: TrainDescript
         clean = torch.from_numpy(np.stack([cache.clean[i] for i in rows])).permute(0, 3, 1, 2).float()
         x = F.interpolate(clean, size=(cfg.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
         chunks.append(embed(descriptor, normalize_uint8(x.clamp_(0, 255)), batch_size=64, amp=cfg.amp))
-    return nearest_neighbours(np.concatenate(chunks), cfg.neighbours)
+    return training.nearest_neighbours(np.concatenate(chunks), cfg.neighbours)

@@ -53,7 +53,6 @@ from pair_vit.checkpoint import save_checkpoint, state_dict_to
 from pair_vit.config import opt, save_config, to_dict
 from pair_vit.descriptor import KIND, Descriptor, DescriptorModelConfig
 from pair_vit.descriptor_loss import CrossBatchMemory, freeze_batch_norm, info_nce
-from pair_vit.index import nearest_neighbours
 from pair_vit.descriptor_data import (StepBatches, ViewCache, intensity_cap, mine_neighbours, prepare_data,
                                       step_photos, thumbnail_vectors)
 
@@ -228,7 +227,7 @@ def _start(cfg: TrainDescriptorConfig, acc, cache: ViewCache, ckpt: dict | None)
         # look-alikes under the starting model, not colour thumbnails: it already knows better
         table, mined_at = mine_neighbours(module.descriptor, cache, cfg), 0
     else:
-        table = nearest_neighbours(thumbnail_vectors(cache), cfg.neighbours)
+        table = training.nearest_neighbours(thumbnail_vectors(cache), cfg.neighbours)
     model, optimizer = acc.prepare(module, optimizer)
     return _Run(cfg, acc, model, optimizer, scheduler, cache, table, mined_at, step, memory)
 

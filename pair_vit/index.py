@@ -399,23 +399,3 @@ def update_reference_index(model: torch.nn.Module, references: Mapping[str, Path
     if len(index) == 0:
         raise ValueError("the reference set is empty: no reference image could be embedded")
     return index
-
-
-def nearest_neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
-    """(N, D) L2-normalised vectors -> (N, min(k, N-1)) int64: each row's most similar other rows, best first.
-
-    Exact, blockwise (O(N^2 D) time, ~256 MB of similarities at a time): fine up to ~10^5 photos.
-    """
-    n = len(vectors)
-    k, block = min(k, n - 1), max(1, 2**26 // max(n, 1))
-    out = np.zeros((n, max(k, 0)), np.int64)
-    if k <= 0:
-        return out
-    for start in range(0, n, block):
-        sims = vectors[start:start + block] @ vectors.T  # (b, N)
-        rows = np.arange(sims.shape[0])
-        sims[rows, start + rows] = -np.inf  # never one's own neighbour
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-        out[start:start + block] = np.take_along_axis(top, order, axis=1)
-    return out

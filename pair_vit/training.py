@@ -8,6 +8,7 @@
     extra["rng"] = rng_states()     ...     set_rng_states(extra["rng"])
     append_metrics(out / "metrics.csv", row, columns)
     LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))   # the LR schedule both use
+    table = nearest_neighbours(vectors, k)       # (N, k) look-alike photos of each photo, for hard negatives
 
 Checkpoints hold RNG states as tensors and plain values only (they load with `weights_only=True`).
 """
@@ -170,3 +171,23 @@ def append_metrics(path: Path, row: Mapping[str, Any], columns: Sequence[str] | 
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def nearest_neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
+    """(N, D) L2-normalised vectors -> (N, min(k, N-1)) int64: each row's most similar other rows, best first.
+
+    Exact, blockwise (O(N^2 D) time, ~256 MB of similarities at a time): fine up to ~10^5 photos.
+    """
+    n = len(vectors)
+    k, block = min(k, n - 1), max(1, 2**26 // max(n, 1))
+    out = np.zeros((n, max(k, 0)), np.int64)
+    if k <= 0:
+        return out
+    for start in range(0, n, block):
+        sims = vectors[start:start + block] @ vectors.T  # (b, N)
+        rows = np.arange(sims.shape[0])
+        sims[rows, start + rows] = -np.inf  # never one's own neighbour
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        out[start:start + block] = np.take_along_axis(top, order, axis=1)
+    return out

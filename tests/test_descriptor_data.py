@@ -5,7 +5,7 @@ import torch
 
 from pair_vit import descriptor_data as DD
 from pair_vit.descriptor_train import TrainDescriptorConfig
-from pair_vit.index import nearest_neighbours
+from pair_vit.training import nearest_neighbours
 
 
 def small_config(**kw) -> TrainDescriptorConfig:

@@ -306,13 +306,3 @@ def test_fingerprint_tracks_weights(model):
     assert ix.model_fingerprint(model) == ix.model_fingerprint(model)
     assert ix.model_fingerprint(model) != ix.model_fingerprint(other)
     assert ix.index_metadata(model)["model_args"]["embed_dim"] == 32
-
-
-def test_nearest_neighbours_excludes_self_and_sorts():
-    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    table = ix.nearest_neighbours(x, 5)
-    assert table.shape == (30, 5) and table.dtype == np.int64 and not (table == np.arange(30)[:, None]).any()
-    assert (np.diff(np.take_along_axis(x @ x.T, table, axis=1), axis=1) <= 1e-6).all()  # best first
-    assert ix.nearest_neighbours(x[:3], 10).shape == (3, 2)  # k capped at the other rows
-    assert ix.nearest_neighbours(x[:1], 5).shape == (1, 0)

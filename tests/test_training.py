@@ -114,3 +114,13 @@ def test_init_from_fills_arguments_an_older_checkpoint_lacks(tmp_path):
     assert torch.equal(other.weight, model.weight)
     with pytest.raises(ValueError, match="stem: saved 'patch', now 'conv'"):
         training.init_from(other, path, "test", now, defaults={"stem": "patch"})
+
+
+def test_nearest_neighbours_excludes_self_and_sorts():
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    table = training.nearest_neighbours(x, 5)
+    assert table.shape == (30, 5) and table.dtype == np.int64 and not (table == np.arange(30)[:, None]).any()
+    assert (np.diff(np.take_along_axis(x @ x.T, table, axis=1), axis=1) <= 1e-6).all()  # best first
+    assert training.nearest_neighbours(x[:3], 10).shape == (3, 2)  # k capped at the other rows
+    assert training.nearest_neighbours(x[:1], 5).shape == (1, 0)
