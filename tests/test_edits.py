@@ -242,3 +242,12 @@ def test_albu_helper_rejects_wrong_argument_names():
         albu(A.RandomRotate90, factor=1)  # plain __init__ (no InitSchema)
     assert set(TRANSFORM_FAMILIES) >= {"rot90", "shear", "invert", "solarize", "posterize",
                                        "color_jitter", "channel_shuffle"}
+
+
+@pytest.mark.parametrize("seed_", [489, 895])  # AugLy: "Cannot crop out black border"; a 105x3 sliver
+def test_perspective_crop_never_leaves_a_sliver(seed_):
+    image = Image.new("RGB", (120, 90), (100, 50, 20))
+    out = FAMILIES["perspective"].apply(image, {"sigma": 0.22, "seed": seed_, "crop_black_border": True})
+    assert out.size == (120, 90)  # the uncropped warp, not an error or a strip later edits divide by
+    kept = FAMILIES["perspective"].apply(image, {"sigma": 0.05, "seed": 0, "crop_black_border": True})
+    assert 30 <= min(kept.size) and kept.size != (120, 90)  # a mild warp is still cropped

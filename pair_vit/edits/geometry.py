@@ -4,6 +4,7 @@ Intensity ``t`` in [0, 1] widens the geometric change (smaller crops, larger ang
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -88,12 +89,25 @@ def sample_perspective(rng: np.random.Generator, t: float) -> dict:
 
 
 def apply_perspective(image: Image.Image, p: dict) -> Image.Image:
+    """The warp keeps the image size; with `crop_black_border` it is cut to the rectangle inside the warped
+    corners, unless that keeps under a quarter of either side (then the black border stays)."""
     sigma = p["sigma"] * min(image.size)
     with warnings.catch_warnings():
         # AugLy solves for the warp with np.matrix, which warns on every call; nothing to act on.
         warnings.simplefilter("ignore", PendingDeprecationWarning)
-        return imaugs.perspective_transform(image, sigma=sigma, seed=p["seed"],
-                                            crop_out_black_border=p["crop_black_border"])
+        warp = functools.partial(imaugs.perspective_transform, image, sigma=sigma, seed=p["seed"])
+        if p["crop_black_border"]:
+            try:
+                out = warp(crop_out_black_border=True)
+            except Exception as err:  # AugLy raises a bare Exception when the corners cross
+                if "Cannot crop out black border" not in str(err):
+                    raise
+            else:
+                # A crossed-over warp can leave a sliver a few pixels wide (or 0 after rounding), which
+                # later edits divide by.
+                if out.width * 4 >= image.width and out.height * 4 >= image.height:
+                    return out
+        return warp(crop_out_black_border=False)
 
 
 def sample_pad_square(rng: np.random.Generator, t: float) -> dict:
