@@ -65,7 +65,7 @@ VIEW_BOXES: dict[str, list[tuple[float, float, float, float]]] = {
     "grid": _FULL + _HALVES + _GRID,
 }
 # Tried, not kept (ad hoc, by patching the boxes): a middle view (the central 60% of each side, without the
-# corners a rotation or shear fills with black) added to the `regions` queries. Tuning benchmark (shipped descriptor, reference halves): R@20
+# corners a rotation or shear fills with black) added to the `regions` queries. Tuning benchmark (stage-2 descriptor, reference halves): R@20
 # 0.912 -> 0.924, uAP 0.748 -> 0.759; dev benchmark: R@20 0.940 -> 0.940, uAP 0.638 -> 0.639, R@50 0.956 ->
 # 0.952, for one more forward pass per query. Middles of 50/70/80% (with reference middles too) did no better.
 # Image-dependent view sets: their fixed boxes, completed per image by `regions.propose`.
@@ -77,7 +77,7 @@ VIEWS = (*VIEW_BOXES, *_PROPOSED)
 DECODE_SCALE = {"full": 2, "halves": 2, "grid": 3, "regions": 3}
 
 # Subtracted from the similarity of every view but the whole image before views are merged. Chosen on the
-# tuning benchmark (training photos; `regions` views, shipped descriptor) among 0, 0.05, 0.08, 0.1, 0.12, 0.15,
+# tuning benchmark (training photos; `regions` views, stage-2 descriptor) among 0, 0.05, 0.08, 0.1, 0.12, 0.15,
 # 0.2 as the best descriptor-only uAP (0.720 -> 0.735; R@20 0.896 -> 0.900; larger values raise R@20 to 0.908
 # but lower uAP). On the dev benchmark it gives uAP 0.613 -> 0.628, R@20 0.920 -> 0.932 (README).
 SUBVIEW_PENALTY = 0.05
@@ -88,7 +88,7 @@ SUBVIEW_PENALTY = 0.05
 REFERENCE_VIEWS = ("full", "halves", "grid")
 
 # Subtracted from the similarity of a reference's sub-views (all but its whole image) before they are merged.
-# Chosen on the tuning benchmark (training photos; `regions` query views with their 0.05 penalty, shipped
+# Chosen on the tuning benchmark (training photos; `regions` query views with their 0.05 penalty, stage-2
 # descriptor; reference `halves`) among 0.05, 0.1, 0.15, 0.2 by recall@20, the stage's gating figure: R@20
 # 0.900 (full references) -> 0.908 / 0.912 / 0.904 / 0.900, uAP 0.735 -> 0.750 / 0.748 / 0.742 / 0.738.
 REFERENCE_SUBVIEW_PENALTY = 0.1

@@ -90,9 +90,9 @@ class RerankConfig:
                                 "similarity", choices=VIEWS)
     subview_penalty: float = opt(ix.SUBVIEW_PENALTY, "subtracted from the similarity of every query view but the "
                                                      "whole image before views are merged (0: plain max)")
-    # halves: measured descriptor-only on the dev benchmark (regions queries): R@20 0.932 -> 0.940, uAP 0.628 ->
-    # 0.638 against full, for 5x the reference embedding work and index size (penalty chosen on the tuning
-    # benchmark, see multiview.REFERENCE_SUBVIEW_PENALTY)
+    # halves: measured descriptor-only on the dev benchmark (regions queries, stage-2 descriptor): R@20 0.932 ->
+    # 0.940, uAP 0.628 -> 0.638 against full, for 5x the reference embedding work and index size (penalty chosen
+    # on the tuning benchmark, see multiview.REFERENCE_SUBVIEW_PENALTY)
     reference_views: str = opt("halves", "views each reference is indexed as: full (1 vector per reference), "
                                          "halves (5: + left, right, top, bottom halves; for queries that are "
                                          "crops of a reference), grid (14)", choices=REFERENCE_VIEWS)
