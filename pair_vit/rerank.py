@@ -197,19 +197,26 @@ def work_folder(cfg: RerankConfig) -> Path:
 
 
 def reference_index(procs: Processes, model, references: dict[str, Path], report: data.SkipReport,
-                    cfg: RerankConfig, folder: Path) -> tuple[ix.ReferenceIndex, int]:
+                    cfg: RerankConfig, folder: Path, cached: bool = False) -> tuple[ix.ReferenceIndex, int]:
     """Load (and check) or start the reference index in `folder`, embed the references missing from it, save
-    it back. Returns (index, number of references embedded by this run)."""
+    it back. Returns (index, number of references embedded by this run). An index built with another model or
+    other reference views is refused, unless it is the work folder's own cache (`cached`): that one is rebuilt."""
     index = None
     if (folder / ix.META_FILE).is_file():
-        index = ix.ReferenceIndex.load(folder, expected_model_args=ix.model_args_of(model),
-                                       expected_fingerprint=ix.model_fingerprint(model),
-                                       expected_reference_views=cfg.reference_views)
-        index.nprobe = cfg.nprobe
-        stale = len(set(index.ids) - set(references))
-        if stale:
-            log.warning("%d references in index %s are not in %s; they can still be matched", stale, folder,
-                        cfg.references)
+        try:
+            index = ix.ReferenceIndex.load(folder, expected_model_args=ix.model_args_of(model),
+                                           expected_fingerprint=ix.model_fingerprint(model),
+                                           expected_reference_views=cfg.reference_views)
+        except ix.IndexMismatchError as err:
+            if not cached:
+                raise
+            log.warning("rebuilding the cached reference index: %s", err)  # the new one replaces it on save
+        else:
+            index.nprobe = cfg.nprobe
+            stale = len(set(index.ids) - set(references))
+            if stale:
+                log.warning("%d references in index %s are not in %s; they can still be matched", stale, folder,
+                            cfg.references)
     todo = {i: p for i, p in references.items() if index is None or i not in index}
     ids, vectors, owner = embed_split(procs, model, todo, report, cfg.reference_views, cfg, "references")
     if index is None:
@@ -238,8 +245,8 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
         cache.load_report(folder / "skipped.json", report)
         log.info("reusing the shortlist cached in %s", folder)
         return pd.read_csv(folder / "shortlist.csv", dtype={"query_id": str, "reference_id": str})
-    index, stats["embedded"] = reference_index(procs, model, references, report, cfg,
-                                               Path(cfg.index) if cfg.index else work_folder(cfg) / "ref_index")
+    folder = Path(cfg.index) if cfg.index else work_folder(cfg) / "ref_index"
+    index, stats["embedded"] = reference_index(procs, model, references, report, cfg, folder, cached=not cfg.index)
     background = None
     if cfg.background:
         b_ids, b_vectors, _ = embed_split(procs, model, data.list_images(cfg.background), report, "full", cfg,

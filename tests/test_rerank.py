@@ -16,6 +16,7 @@ import pair_vit
 from pair_vit import data
 from pair_vit import index as ix
 from pair_vit import rerank
+from pair_vit.descriptor import load_descriptor
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ARGS = {"backbone": "resnet18", "embed_dim": 32, "image_size": 64, "gem_p": 3.0}
@@ -164,6 +165,20 @@ def test_saved_index_is_reused_extended_and_refused_for_another_model(folders, c
         rerank.run(config(queries, refs, tmp_path / "c.csv", checkpoint, index=str(index_dir),
                           reference_views="full"))
 
+
+
+def test_cached_index_in_the_work_folder_is_rebuilt_for_new_weights(folders, checkpoint, tmp_path, caplog):
+    # Unlike an --index the user names, the work folder's index is a cache: new weights must not strand it.
+    queries, refs, originals = folders
+    work = tmp_path / "work"
+    rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint, work_dir=str(work)))
+    retrained = make_checkpoint(tmp_path / "retrained.pt", seed=1)
+    caplog.set_level("WARNING", logger="pair_vit.rerank")
+    sub = rerank.run(config(queries, refs, tmp_path / "b.csv", retrained, work_dir=str(work)))
+    assert "rebuilding the cached reference index" in caplog.text and "other descriptor weights" in caplog.text
+    meta = ix.ReferenceIndex.read_metadata(work / "ref_index")
+    assert meta["fingerprint"] == ix.model_fingerprint(load_descriptor(retrained)[0])
+    assert meta["n_references"] == 6 and sorted(sub.query_id.unique()) == ["Q1", "Q4"]
 
 def test_background_normalisation_and_max_per_query(folders, checkpoint, tmp_path):
     queries, refs, originals = folders
