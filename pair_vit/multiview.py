@@ -64,10 +64,11 @@ VIEW_BOXES: dict[str, list[tuple[float, float, float, float]]] = {
     "halves": _FULL + _HALVES,
     "grid": _FULL + _HALVES + _GRID,
 }
-# Tried, not kept (ad hoc, by patching the boxes): a middle view (the central 60% of each side, without the
-# corners a rotation or shear fills with black) added to the `regions` queries. Tuning benchmark (stage-2 descriptor, reference halves): R@20
-# 0.912 -> 0.924, uAP 0.748 -> 0.759; dev benchmark: R@20 0.940 -> 0.940, uAP 0.638 -> 0.639, R@50 0.956 ->
-# 0.952, for one more forward pass per query. Middles of 50/70/80% (with reference middles too) did no better.
+# Tried, not kept (ad hoc, by patching the boxes): a middle view (the central 60% of each side, without the corners
+# a rotation or shear fills with black) added to the `regions` queries. Tuning benchmark (stage-2 descriptor,
+# reference halves): R@20 0.912 -> 0.924, uAP 0.748 -> 0.759; dev benchmark: R@20 0.940 -> 0.940, uAP 0.638 ->
+# 0.639, R@50 0.956 -> 0.952, for one more forward pass per query. Middles of 50/70/80% (with reference middles
+# too) did no better.
 # Image-dependent view sets: their fixed boxes, completed per image by `regions.propose`.
 _PROPOSED = {"regions": "halves"}
 VIEWS = (*VIEW_BOXES, *_PROPOSED)

@@ -245,8 +245,9 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
         cache.load_report(folder / "skipped.json", report)
         log.info("reusing the shortlist cached in %s", folder)
         return pd.read_csv(folder / "shortlist.csv", dtype={"query_id": str, "reference_id": str})
-    folder = Path(cfg.index) if cfg.index else work_folder(cfg) / "ref_index"
-    index, stats["embedded"] = reference_index(procs, model, references, report, cfg, folder, cached=not cfg.index)
+    index_dir = Path(cfg.index) if cfg.index else work_folder(cfg) / "ref_index"
+    index, stats["embedded"] = reference_index(procs, model, references, report, cfg, index_dir,
+                                               cached=not cfg.index)
     background = None
     if cfg.background:
         b_ids, b_vectors, _ = embed_split(procs, model, data.list_images(cfg.background), report, "full", cfg,

@@ -166,10 +166,9 @@ def test_saved_index_is_reused_extended_and_refused_for_another_model(folders, c
                           reference_views="full"))
 
 
-
 def test_cached_index_in_the_work_folder_is_rebuilt_for_new_weights(folders, checkpoint, tmp_path, caplog):
     # Unlike an --index the user names, the work folder's index is a cache: new weights must not strand it.
-    queries, refs, originals = folders
+    queries, refs, _ = folders
     work = tmp_path / "work"
     rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint, work_dir=str(work)))
     retrained = make_checkpoint(tmp_path / "retrained.pt", seed=1)
@@ -179,6 +178,7 @@ def test_cached_index_in_the_work_folder_is_rebuilt_for_new_weights(folders, che
     meta = ix.ReferenceIndex.read_metadata(work / "ref_index")
     assert meta["fingerprint"] == ix.model_fingerprint(load_descriptor(retrained)[0])
     assert meta["n_references"] == 6 and sorted(sub.query_id.unique()) == ["Q1", "Q4"]
+
 
 def test_background_normalisation_and_max_per_query(folders, checkpoint, tmp_path):
     queries, refs, originals = folders
