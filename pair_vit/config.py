@@ -30,6 +30,21 @@ def opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
     return dataclasses.field(default=default, metadata=meta)
 
 
+def option_like(cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
+    """Field `name` of config class `cls` again (same help and choices), with its default or `default`: a stage
+    that shares an option with another states it once."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if default is dataclasses.MISSING:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return opt(default, f.metadata.get("help", ""), f.metadata.get("choices"))
+
+
+def options_of(cls: type, names: Sequence[str]) -> list[tuple[str, Any, Any]]:
+    """`dataclasses.make_dataclass` entries (name, type, field) repeating the options `names` of `cls`."""
+    hints = typing.get_type_hints(cls)
+    return [(name, hints[name], option_like(cls, name)) for name in names]
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -4,7 +4,8 @@
 
 Prints uAP before/after (2-fold cross-fit over queries) and the score threshold with precision 90.
 """
-from pair_vit import calibration, cli
+from pair_vit import cli
+from pair_vit.match import calibrate
 
 if __name__ == "__main__":
-    cli.main(calibration.CalibrateConfig, calibration.run)
+    cli.main(calibrate.CalibrateConfig, calibrate.run)

@@ -2,7 +2,8 @@
 
     python scripts/demo.py [--out runs/demo]
 """
-from pair_vit import cli, demo
+from pair_vit import cli
+from pair_vit.bench import demo
 
 if __name__ == "__main__":
     cli.main(demo.DemoConfig, demo.run)

@@ -4,7 +4,7 @@
 
 The first output line is `uAP <value> ...`. A malformed input file gives a one-line error and exit code 2.
 """
-from pair_vit import cli, eval as evaluation
+from pair_vit import cli, metrics
 
 if __name__ == "__main__":
-    cli.main(evaluation.EvalConfig, evaluation.run)
+    cli.main(metrics.EvalConfig, metrics.run)

@@ -2,7 +2,8 @@
 
     python scripts/make_benchmark.py --images ../shared/data/train --out benchmarks/dev --seed 0
 """
-from pair_vit import benchmark, cli
+from pair_vit import cli
+from pair_vit.bench import make
 
 if __name__ == "__main__":
-    cli.main(benchmark.BenchmarkConfig, benchmark.run)
+    cli.main(make.BenchmarkConfig, make.run)

@@ -8,7 +8,8 @@ Multi-process (CPU or GPU): `accelerate launch scripts/rerank.py ...` splits the
 A killed run resumes from OUTPUT.work/ when restarted with the same arguments (plus --overwrite if the output
 was already written).
 """
-from pair_vit import cli, rerank
+from pair_vit import cli
+from pair_vit.match import rerank
 
 if __name__ == "__main__":
     cli.main(rerank.RerankConfig, rerank.run)

@@ -5,10 +5,10 @@
     accelerate launch scripts/train_descriptor.py --train-dir ...       # under accelerate
     python scripts/train_descriptor.py --output-dir runs/descriptor --resume   # continue a run
 
-See `pair_vit/descriptor_train.py` for the method and every option (`--help`).
+See `pair_vit/descriptor/train.py` for the method and every option (`--help`).
 """
 from pair_vit import cli
-from pair_vit.descriptor_train import TrainDescriptorConfig, train
+from pair_vit.descriptor.train import TrainDescriptorConfig, run
 
 if __name__ == "__main__":
-    cli.main(TrainDescriptorConfig, train)
+    cli.main(TrainDescriptorConfig, run)

@@ -6,10 +6,11 @@
     accelerate launch scripts/train_pairs.py --output-dir runs/pairs --resume  # continue a run
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/train_pairs.py ...  # 2 CPU processes
 
-Plain `python scripts/train_pairs.py ...` runs one process too. See `pair_vit/pair_train.py` for the method and
+Plain `python scripts/train_pairs.py ...` runs one process too. See `pair_vit/pair/train.py` for the method and
 every option (`--help`).
 """
-from pair_vit import cli, pair_train
+from pair_vit import cli
+from pair_vit.pair import train as pair_train
 
 if __name__ == "__main__":
     cli.main(pair_train.TrainPairsConfig, pair_train.run)

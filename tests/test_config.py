@@ -61,8 +61,8 @@ def test_save_round_trip(tmp_path):
 
 
 _CONFIGS = Path(__file__).resolve().parents[1] / "pair_vit" / "configs"
-_TRAINERS = {"descriptor": ("pair_vit.descriptor_train", "TrainDescriptorConfig"),
-             "pairs": ("pair_vit.pair_train", "TrainPairsConfig")}
+_TRAINERS = {"descriptor": ("pair_vit.descriptor.train", "TrainDescriptorConfig"),
+             "pairs": ("pair_vit.pair.train", "TrainPairsConfig")}
 
 
 @pytest.mark.parametrize("name, module, cls", [(p.stem, *_TRAINERS[p.stem.split("_")[0]])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pair_vit import data, demo_dir, edits
-from pair_vit.rerank import DEFAULT_CHECKPOINT
+from pair_vit.match.rerank import DEFAULT_CHECKPOINT
 
 SMOKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "smoke" / "disc21_pair"
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped descriptor weights")
@@ -29,7 +29,7 @@ def test_descriptor_weights_are_small_and_self_describing():
 
 def test_edited_copies_find_their_photo(model, tmp_path):
     """Moderate edits (intensity 0.4) of 10 photos, searched among 100 demo photos: most are found at rank 1."""
-    from pair_vit import index as ix
+    from pair_vit.match import index as ix
 
     photos = data.list_images(demo_dir())
     refs = {i: photos[i] for i in sorted(photos)[:100]}
@@ -47,7 +47,7 @@ def test_edited_copies_find_their_photo(model, tmp_path):
 @pytest.mark.skipif(not SMOKE.is_dir(), reason="../shared/data/smoke not beside the repository")
 def test_real_disc21_copy_ranks_high(model):
     """A real human-made ISC2021 copy (Q10893 from R751771) among the 291 demo photos as distractors."""
-    from pair_vit import index as ix
+    from pair_vit.match import index as ix
 
     refs = {**data.list_images(demo_dir()), "R751771": SMOKE / "R751771.jpg"}
     sub = ix.shortlist(model, {"Q10893": SMOKE / "Q10893.jpg"}, refs, k=20)
