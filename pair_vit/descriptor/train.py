@@ -159,14 +159,15 @@ class DescriptorTrainer(training.Trainer):
         if ckpt is not None:
             self.restore(ckpt)
             self.acc.print(f"resuming {self.out / 'checkpoint.pt'} at step {self.step}")
-        elif cfg.init_from:
-            # a checkpoint written before an architecture argument existed had its default
-            training.init_from(descriptor, cfg.init_from, KIND, asdict(cfg.model_config()),
-                               asdict(DescriptorModelConfig()))
-            # look-alikes under the starting model, not colour thumbnails: it already knows better
-            self.table, self.mined_at = mine_neighbours(descriptor, self.cache, cfg), 0
         else:
-            self.table = training.nearest_neighbours(thumbnail_vectors(self.cache), cfg.neighbours)
+            if cfg.init_from:  # a checkpoint written before an architecture argument existed had its default
+                training.init_from(descriptor, cfg.init_from, KIND, asdict(cfg.model_config()),
+                                   asdict(DescriptorModelConfig()))
+            if cfg.init_from or cfg.pretrained:
+                # look-alikes under the starting model, not colour thumbnails: it already knows better
+                self.table, self.mined_at = mine_neighbours(descriptor, self.cache, cfg), 0
+            else:
+                self.table = training.nearest_neighbours(thumbnail_vectors(self.cache), cfg.neighbours)
 
     def net(self) -> Descriptor:
         return self.unwrapped().descriptor
