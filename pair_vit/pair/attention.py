@@ -127,8 +127,7 @@ def pair_rollout(model: torch.nn.Module, reference: Image.Image, query: Image.Im
     prefix = int(getattr(vit, "num_prefix_tokens", 1))
     pool = "token" if getattr(vit, "global_pool", "token") == "token" else "avg"
     flow = attention_rollout(maps, prefix, pool, residual)[0].cpu().numpy()
-    patch = vit.patch_embed.patch_size
-    gh, gw = ref.shape[2] // patch[0], 2 * ref.shape[3] // patch[1]
+    gh, gw = model.token_grid
     if gh * gw != flow.size:
         raise ValueError(f"{flow.size} patch tokens do not form the expected {gh} x {gw} grid")
     return PairRollout(float(torch.sigmoid(logit.float())[0]), _normalise(flow.reshape(gh, gw)))

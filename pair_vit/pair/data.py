@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pair_vit import data
-from pair_vit.pair.model import DEFAULT_MEAN, DEFAULT_STD, preprocess
+from pair_vit.pair.inputs import DEFAULT_MEAN, DEFAULT_STD, preprocess
 from pair_vit.training import nearest_neighbours
 
 log = logging.getLogger(__name__)

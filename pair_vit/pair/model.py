@@ -17,6 +17,8 @@ higher = more likely a copy). Two additions to the plain ViT, both inside its pa
   stride 16, plus a 1x1 projection: the same token grid again. `init_stem_from` copies a trained
   descriptor's backbone into it, so the transformer starts from copy-invariant local features instead of
   pixels (the ViT itself still has no pretrained weights; there are none offline here).
+* `stem="hybrid"` (`pair_vit.pair.hybrid`) runs a pretrained CNN trunk on each image separately and a ViT over
+  both token grids side by side: the same model as `cnn` computed per half, so tokens are cached per image.
 * `half_marker=True` adds a learned embedding to every token: one vector for the reference half, another for
   the query half, so the model always knows which side is which (also after position-embedding resampling).
 
@@ -35,12 +37,13 @@ from PIL import Image
 from torch import nn
 
 from pair_vit import precision
+from pair_vit.pair.hybrid import HybridPairViT, trunk_input_stats
+from pair_vit.pair.inputs import DEFAULT_MEAN, DEFAULT_STD, PairInputs, normalise_uint8
+from pair_vit.pair.layers import CNNStem, HalfMarker, conv_stem
 from pair_vit.training import warmup_cosine
 
 KIND = "pair_vit"
-DEFAULT_MEAN = (0.5, 0.5, 0.5)  # timm's augreg ViTs are trained with mean = std = 0.5
-DEFAULT_STD = (0.5, 0.5, 0.5)
-STEMS = ("conv", "patch", "cnn")
+STEMS = ("conv", "patch", "cnn", "hybrid")
 # The released pair ViT (trained by `scripts/train_pairs.py --config pair_vit/configs/pairs.yaml`).
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "pair_vit.pt"
 
@@ -65,73 +68,12 @@ def default_model_args(**overrides: Any) -> dict[str, Any]:
     return args
 
 
-# ----------------------------------------------------------------------------- layers
-
-
-class HalfMarker(nn.Module):
-    """Adds `embed[:, :, 0]` to the token columns of the left (reference) half and `embed[:, :, 1]` to the right.
-
-    x: (B, D, Gh, Gw) token grid (NCHW, before timm flattens it) -> same shape.
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.embed = nn.Parameter(torch.zeros(1, dim, 1, 2))
-        nn.init.trunc_normal_(self.embed, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        side = (torch.arange(x.shape[-1], device=x.device) >= x.shape[-1] // 2).long()  # (Gw,) 0 left, 1 right
-        return x + self.embed[:, :, :, side].to(x.dtype)
-
-
-def conv_stem(in_chans: int, dim: int, patch: int = 16) -> nn.Sequential:
-    """log2(patch) 3x3 stride-2 conv-BN-ReLU layers (widths doubling up to `dim`) and a 1x1 projection to `dim`.
-
-    (B, in_chans, H, W) -> (B, dim, H/patch, W/patch): the token grid of a `patch` x `patch` patch embedding.
-    """
-    n_layers = int(round(np.log2(patch)))
-    if 2 ** n_layers != patch:
-        raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch}")
-    layers: list[nn.Module] = []
-    width, channels = max(16, dim // 2 ** (n_layers - 1)), in_chans
-    for _ in range(n_layers):
-        out = min(width, dim)
-        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
-                   nn.ReLU(inplace=True)]
-        channels, width = out, width * 2
-    layers.append(nn.Conv2d(channels, dim, 1))
-    return nn.Sequential(*layers)
-
-
-class CNNStem(nn.Module):
-    """A timm CNN truncated at its stride-`patch` stage, then a 1x1 projection to `dim`.
-
-    (B, 3, H, W) -> (B, dim, H/patch, W/patch). The trunk keeps timm's module names, so the weights of a
-    full model of the same backbone (e.g. the stage-1 descriptor's) load into it by name.
-    """
-
-    def __init__(self, backbone: str, dim: int, patch: int = 16):
-        super().__init__()
-        probe = timm.create_model(backbone, pretrained=False, features_only=True)
-        stages = [i for i, r in enumerate(probe.feature_info.reduction()) if r == patch]
-        if not stages:
-            raise ValueError(f"stem backbone {backbone!r} has no stride-{patch} stage "
-                             f"(strides {probe.feature_info.reduction()})")
-        self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(stages[-1],))
-        self.proj = nn.Conv2d(self.trunk.feature_info.channels()[-1], dim, 1)
-        # channels_last: much faster convolutions on CPU under bf16 autocast (see pair_vit.descriptor.model)
-        self.trunk.to(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.trunk(x.contiguous(memory_format=torch.channels_last))[-1]
-        return self.proj(features).contiguous()
-
-
 # ----------------------------------------------------------------------------- model
 
 
-class PairViT(nn.Module):
-    """ViT pair classifier. forward(ref (B,3,H,W/2), query (B,3,H,W/2)) -> logits (B,) float."""
+class PairViT(PairInputs, nn.Module):
+    """ViT pair classifier over the pixels of the pair image (stems conv, patch, cnn).
+    forward(ref (B,3,H,W/2), query (B,3,H,W/2), ref_index=None, query_index=None) -> logits (B,) float."""
 
     def __init__(self, model_args: dict[str, Any], pretrained: str = ""):
         super().__init__()
@@ -154,16 +96,22 @@ class PairViT(nn.Module):
         nn.init.zeros_(self.head.bias)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
 
-    def forward(self, ref: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """ref, query: (B, 3, h, w) normalised images (see `preprocess`) -> (B,) logits."""
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(Gh, Gw) of the pair's token grid."""
+        patch = self.vit.patch_embed.patch_size
+        return self.half_size[0] // patch[0], 2 * self.half_size[1] // patch[1]
+
+    def forward(self, ref: torch.Tensor, query: torch.Tensor, ref_index: torch.Tensor | None = None,
+                query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """ref, query: (B, 3, h, w) normalised images (see `preprocess`) -> (B,) logits; with indices, pair i
+        is (ref[ref_index[i]], query[query_index[i]])."""
+        if ref_index is not None:
+            ref, query = ref[ref_index], query[query_index]
         x = torch.cat([ref, query], dim=3)  # (B, 3, h, 2w): reference left, query right
         tokens = self.vit.forward_features(x)  # (B, prefix + Gh*Gw, D)
         pooled = self.vit.forward_head(tokens, pre_logits=True)  # (B, D)
         return self.head(pooled).squeeze(1).float()
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """A PIL image -> (3, H, W/2) float tensor at this model's half size and normalisation."""
-        return preprocess(image, self.half_size, self.model_args["mean"], self.model_args["std"])
 
     def cnn_stem(self) -> CNNStem:
         """The CNN stem (stem="cnn" only)."""
@@ -174,12 +122,18 @@ class PairViT(nn.Module):
         return stem
 
 
-def init_stem_from(model: PairViT, path: str | Path) -> int:
-    """Copy the backbone weights of descriptor checkpoint `path` into `model`'s CNN stem; returns the number of
-    tensors copied. Refused (ValueError naming the file) if the backbones differ or a stem weight is missing."""
+def trunk_of(model: nn.Module) -> nn.Module:
+    """The CNN trunk of a cnn-stem or hybrid pair model (a timm `features_only` model)."""
+    return model.trunk if isinstance(model, HybridPairViT) else model.cnn_stem().trunk
+
+
+def init_stem_from(model: nn.Module, path: str | Path) -> int:
+    """Copy the backbone weights of descriptor checkpoint `path` into `model`'s CNN trunk (cnn or hybrid stem);
+    returns the number of tensors copied. Refused (ValueError naming the file) if the backbones differ or a
+    trunk weight is missing."""
     from pair_vit.checkpoint import load_checkpoint
 
-    trunk = model.cnn_stem().trunk
+    trunk = trunk_of(model)
     ckpt = load_checkpoint(path, kind="descriptor")
     saved = ckpt["model_args"].get("backbone")
     if saved != model.model_args["stem_backbone"]:
@@ -208,9 +162,23 @@ def _create_backbone(args: dict[str, Any], pretrained: str) -> nn.Module:
     return timm.create_model(args["backbone"], **kwargs)
 
 
-def build_pair_model(model_args: dict[str, Any] | None = None, pretrained: str = "") -> PairViT:
-    """A PairViT from `model_args` (see `default_model_args`); `pretrained` initialises the backbone."""
-    return PairViT(model_args or {}, pretrained)
+def build_pair_model(model_args: dict[str, Any] | None = None, pretrained: str = "") -> nn.Module:
+    """A pair model from `model_args` (see `default_model_args`): a `HybridPairViT` for stem="hybrid", else a
+    `PairViT`; `pretrained` initialises the ViT backbone (a local file or a hub id; pixel stems only)."""
+    args = default_model_args(**(model_args or {}))
+    if args["stem"] not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {args['stem']!r}")
+    return HybridPairViT(args, pretrained) if args["stem"] == "hybrid" else PairViT(args, pretrained)
+
+
+def stem_input_stats(stem: str, stem_backbone: str) -> dict[str, list[float]]:
+    """model_args mean/std for a stem: a CNN trunk takes its inputs normalised as it was trained (timm's
+    pretrained_cfg of the backbone: ImageNet statistics for resnet10t, 0.5 for TF EfficientNet-Lite); the
+    pixel stems keep the default."""
+    if stem not in ("cnn", "hybrid"):
+        return {}
+    mean, std = trunk_input_stats(stem_backbone)
+    return {"mean": mean, "std": std}
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup: int, total: int,
@@ -219,9 +187,12 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup: int
     linear warmup over `warmup` steps, then cosine from `lr` down to `min_ratio * lr` at step `total`.
     A cnn stem's trunk learns at `stem_lr_scale * lr`: initialised from a trained descriptor, it should be
     adapted, not overwritten by the early, noisy gradients of a random transformer."""
-    trunk_ids = {id(p) for m in model.modules() if isinstance(m, CNNStem) for p in m.trunk.parameters()}
+    has_trunk = model.model_args["stem"] in ("cnn", "hybrid")
+    trunk_ids = {id(p) for p in trunk_of(model).parameters()} if has_trunk else set()
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # a frozen trunk
+            continue
         skip = p.ndim <= 1 or any(k in name for k in ("pos_embed", "cls_token", "reg_token", "embed.embed"))
         groups.setdefault((id(p) in trunk_ids, skip), []).append(p)
     optimizer = torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if skip else weight_decay,
@@ -232,28 +203,6 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup: int
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def preprocess(image: Image.Image, size: Sequence[int] = (112, 112), mean: Sequence[float] = DEFAULT_MEAN,
-               std: Sequence[float] = DEFAULT_STD) -> torch.Tensor:
-    """Resize a PIL image to `size` (h, w), ignoring its aspect ratio -> (3, h, w) float32, normalised."""
-    h, w = int(size[0]), int(size[1])
-    image = image.convert("RGB")
-    if image.size != (w, h):
-        image = image.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    # numpy, not torch: on a few busy cores torch's thread pool costs more than the arithmetic on one image.
-    scale = np.float32(1 / 255) / np.asarray(std, np.float32)
-    x = np.asarray(image, dtype=np.float32) * scale - np.asarray(mean, np.float32) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-
-
-def normalise_uint8(x: torch.Tensor, mean: Sequence[float] = DEFAULT_MEAN,
-                    std: Sequence[float] = DEFAULT_STD) -> torch.Tensor:
-    """(B, 3, h, w) uint8 images at the model's half size -> float32, normalised as `preprocess` does. The
-    reranker keeps decoded images as uint8 (4x less memory) and normalises them batch by batch."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x.float() / 255 - m) / s
 
 
 def _as_batch(model: PairViT, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:

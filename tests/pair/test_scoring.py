@@ -11,7 +11,8 @@ from PIL import Image
 import pair_vit
 from pair_vit import data
 from pair_vit.pair import scoring as ps
-from pair_vit.pair.model import build_pair_model, default_model_args, normalise_uint8, preprocess
+from pair_vit.pair.inputs import normalise_uint8, preprocess
+from pair_vit.pair.model import build_pair_model, default_model_args
 
 TINY = dict(input_size=[32, 64], backbone_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
 
