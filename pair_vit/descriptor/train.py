@@ -116,10 +116,9 @@ def check_config(cfg: TrainDescriptorConfig) -> None:
     parse_weights(cfg.edit_weights)  # a typo fails here, not in the cache workers
 
 
-def resume_state(cfg: TrainDescriptorConfig, out: Path) -> dict | None:
+def resume_state(cfg: TrainDescriptorConfig, acc) -> dict | None:
     """The checkpoint to continue from (None: a fresh run); refused if model/data settings differ."""
-    path = out / "checkpoint.pt"
-    ckpt = training.checkpoint_to_resume(path, cfg.resume, cfg.overwrite, KIND)
+    path, ckpt = training.prepare_output(cfg.output_dir, cfg.resume, cfg.overwrite, KIND, acc, ["descriptor.pt"])
     if ckpt is not None:
         training.refuse_resume(path, training.config_diffs(ckpt, cfg, RESUME_KEYS))
     return ckpt
@@ -237,7 +236,7 @@ def run(cfg: TrainDescriptorConfig) -> dict[str, Any]:
     acc = training.start_accelerator()
     training.set_torch_threads(cfg.threads, acc.num_processes)
     out = Path(cfg.output_dir)
-    ckpt = resume_state(cfg, out)
+    ckpt = resume_state(cfg, acc)
     cache, report = prepare_data(cfg, acc, out)
     check_photos(ckpt, cache, out)
     if acc.is_main_process:

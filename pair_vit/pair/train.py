@@ -155,19 +155,6 @@ def build_eval_set(heldout: pd_.Photos, cfg: TrainPairsConfig, settings: pd_.Gro
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def prepare_output(cfg: TrainPairsConfig, accelerator) -> tuple[Path, dict[str, Any] | None]:
-    """Check output_dir against --resume/--overwrite; return (path of checkpoint.pt, the checkpoint or None)."""
-    out = Path(cfg.output_dir)
-    ckpt_path = out / "checkpoint.pt"
-    ckpt = training.checkpoint_to_resume(ckpt_path, cfg.resume, cfg.overwrite, KIND)
-    if ckpt is None and ckpt_path.is_file():  # --overwrite: the old run's outputs go
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for name in ("checkpoint.pt", "pair_vit.pt", "metrics.csv", "skipped.csv"):
-                (out / name).unlink(missing_ok=True)
-    return ckpt_path, ckpt
-
-
 def check_resumable(ckpt: dict[str, Any], cfg: TrainPairsConfig, args: dict[str, Any], manifest: str, path) -> None:
     """Refuse to resume with another model, input size or data: the message names every difference."""
     diffs = training.config_diffs(ckpt, cfg, RESUME_KEYS)
@@ -267,7 +254,8 @@ def run(cfg: TrainPairsConfig) -> dict[str, Any]:
     if cfg.groups_per_step % accelerator.num_processes:
         raise ValueError(f"--groups-per-step {cfg.groups_per_step} must be a multiple of the "
                          f"{accelerator.num_processes} processes")
-    ckpt_path, ckpt = prepare_output(cfg, accelerator)
+    ckpt_path, ckpt = training.prepare_output(cfg.output_dir, cfg.resume, cfg.overwrite, KIND, accelerator,
+                                              ["pair_vit.pt"])
     report = data.SkipReport()
     train, heldout, manifest = load_photos(cfg, accelerator, report)
     set_seed(cfg.seed)  # same initial weights on every process

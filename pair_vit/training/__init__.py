@@ -14,9 +14,9 @@ Checkpoints hold RNG states as tensors and plain values only (they load with `we
 """
 from pair_vit.training.loop import RESUME_KEYS, TrainConfig, Trainer
 from pair_vit.training.state import (append_metrics, broadcast, checkpoint_to_resume, config_diffs, init_from,
-                                     make_scheduler, nearest_neighbours, refuse_resume, restore, rng_states,
+                                     make_scheduler, nearest_neighbours, prepare_output, refuse_resume, restore, rng_states,
                                      set_rng_states, set_torch_threads, start_accelerator, warmup_cosine)
 
 __all__ = ["TrainConfig", "Trainer", "RESUME_KEYS", "append_metrics", "broadcast", "checkpoint_to_resume",
-           "config_diffs", "init_from", "make_scheduler", "nearest_neighbours", "refuse_resume", "restore",
-           "rng_states", "set_rng_states", "set_torch_threads", "start_accelerator", "warmup_cosine"]
+           "config_diffs", "init_from", "make_scheduler", "nearest_neighbours", "prepare_output", "refuse_resume",
+           "restore", "rng_states", "set_rng_states", "set_torch_threads", "start_accelerator", "warmup_cosine"]

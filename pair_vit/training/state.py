@@ -67,6 +67,21 @@ def checkpoint_to_resume(path: Path, resume: bool, overwrite: bool, kind: str) -
     return load_checkpoint(path, kind=kind)
 
 
+def prepare_output(output_dir: str | Path, resume: bool, overwrite: bool, kind: str, accelerator,
+                   outputs: Sequence[str]) -> tuple[Path, dict[str, Any] | None]:
+    """(path of output_dir/checkpoint.pt, the checkpoint to resume or None). A fresh run over an old one
+    (--overwrite) first removes the old run's `outputs` and checkpoint, so no metrics.csv row of it survives."""
+    out = Path(output_dir)
+    path = out / "checkpoint.pt"
+    ckpt = checkpoint_to_resume(path, resume, overwrite, kind)
+    if ckpt is None and path.is_file():
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name in ("checkpoint.pt", "metrics.csv", "skipped.csv", *outputs):
+                (out / name).unlink(missing_ok=True)
+    return path, ckpt
+
+
 def config_diffs(ckpt: Mapping[str, Any], cfg: Any, keys: Iterable[str]) -> list[str]:
     """One line per field of `keys` whose value in `cfg` differs from the checkpoint's saved config."""
     return compare_configs(ckpt["config"], to_dict(cfg), keys)

@@ -64,6 +64,12 @@ def test_script_trains_resumes_and_refuses_other_backbone(photos, tmp_path):
     assert refused.returncode == 2
     assert "backbone" in refused.stderr and "resnet18" in refused.stderr and "Traceback" not in refused.stderr
 
+    fresh = run_script("--train-dir", str(photos), "--output-dir", str(out), "--max-steps", "1", "--overwrite",
+                       *TINY_FLAGS)
+    assert fresh.returncode == 0, fresh.stderr
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["step", "1"]  # the old run's rows went with it
+
 
 def test_resume_continues_exactly(photos, tmp_path):
     cache = tmp_path / "cache"
