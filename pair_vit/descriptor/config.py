@@ -11,7 +11,7 @@ from pair_vit.training import TrainConfig
 
 MODEL_KEYS = ("backbone", "embed_dim", "image_size", "gem_p", "input_stats", "pretrained")
 DATA_KEYS = ("views_per_photo", "edit_side", "n_edits_max", "edit_weights", "hard_fraction", "mine_every", "jitter")
-LOSS_KEYS = ("batch_size", "temperature", "learn_temperature", "memory_size")
+LOSS_KEYS = ("freeze_stride", "batch_size", "temperature", "learn_temperature", "memory_size")
 # A resumed run must match the saved one in these; lr, max_steps, checkpointing, workers... may change.
 RESUME_KEYS = tuple(dict.fromkeys(SHARED_RESUME_KEYS + MODEL_KEYS + DATA_KEYS + LOSS_KEYS))
 
@@ -39,6 +39,8 @@ class TrainDescriptorConfig(TrainConfig):
                                        "own: use with --pretrained imagenet)", choices=INPUT_STATS)
     backbone_lr_scale: float = opt(1.0, "learning rate of the backbone as a fraction of --lr (the GeM and "
                                         "projection head get --lr)")
+    freeze_stride: int = opt(0, "backbone layers up to this feature stride keep their starting weights and "
+                                "batch-norm statistics (e.g. 8 with --pretrained imagenet; 0: all trained)")
     # loss
     batch_size: int = opt(64, "photos per step and process; each gives 2 views")
     temperature: float = opt(0.05, "InfoNCE temperature (initial value if learned)")

@@ -91,6 +91,22 @@ def param_groups(module: TrainModule, lr: float, weight_decay: float, backbone_l
     return [{"params": params, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), params in groups.items()]
 
 
+def freeze_early(backbone: nn.Module, stride: int) -> list[nn.Module]:
+    """Freeze the parameters of timm `backbone` that compute its features up to feature stride `stride` (the stem
+    and first stages, by timm's `feature_info`: generic low-level features that fine-tuning need not move, and
+    whose backward pass at high resolution costs most). Returns the frozen modules, to keep in eval mode (their
+    batch-norm statistics stay); [] for stride 0."""
+    names = [f["module"] for f in getattr(backbone, "feature_info", []) if f["reduction"] <= stride]
+    if not names:
+        return []
+    params = list(backbone.named_parameters())
+    last = max(i for i, (name, _) in enumerate(params) if name.startswith(names[-1] + "."))
+    for _, p in params[:last + 1]:
+        p.requires_grad_(False)
+    return [m for m in backbone.modules() if any(True for _ in m.parameters())
+            and not any(p.requires_grad for p in m.parameters())]
+
+
 # ----------------------------------------------------------------------------- setting up
 
 
@@ -146,6 +162,7 @@ class DescriptorTrainer(training.Trainer):
         torch.manual_seed(cfg.seed)
         module = TrainModule(Descriptor(cfg.model_config(), pretrained=cfg.pretrained), cfg.temperature,
                              cfg.learn_temperature)
+        self.frozen = freeze_early(module.descriptor.backbone, cfg.freeze_stride)
         optimizer = torch.optim.AdamW(param_groups(module, cfg.lr, cfg.weight_decay, cfg.backbone_lr_scale))
         super().__init__(cfg, acc, module, optimizer, training.make_scheduler(optimizer, cfg))
         self.cache = cache
@@ -205,6 +222,8 @@ class DescriptorTrainer(training.Trainer):
     def loss(self, x: torch.Tensor):
         """InfoNCE over the step's views `x` (2 per photo) -> (loss, accuracy and temperature, views)."""
         cfg, acc = self.cfg, self.acc
+        for m in self.frozen:
+            m.eval()
         if self.memory.size:
             freeze_batch_norm(self.model)
         with self.autocast():

@@ -154,3 +154,21 @@ def test_two_process_accelerate_launch(photos, tmp_path):
     assert result.stdout.count("descriptor: steps 0 -> 2") == 1
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2 and (out / "descriptor.pt").is_file()
     assert len((out / "metrics.csv").read_text().splitlines()) == 3  # header + 2 steps, written once
+
+
+def test_frozen_early_stages_keep_their_weights_and_statistics(photos, tmp_path):
+    """--freeze-stride 8: the stem and the stages up to stride 8 end the run exactly as they started."""
+    from pair_vit.descriptor.model import build_descriptor
+
+    out = tmp_path / "frozen"
+    T.run(tiny_config(photos, out, freeze_stride=8, max_steps=2))
+    torch.manual_seed(0)  # the trainer seeds with cfg.seed before building the model
+    start = build_descriptor(load_checkpoint(out / "checkpoint.pt")["model_args"])
+    trained = load_checkpoint(out / "checkpoint.pt")["model_state"]
+    frozen = T.freeze_early(start.backbone, 8)
+    early = {k for k, _ in start.backbone.state_dict().items()
+             if any(k.startswith(name + ".") for name in ("conv1", "bn1", "layer1", "layer2"))}
+    assert frozen and early
+    for key in early:  # weights and batch-norm running statistics unchanged
+        assert torch.equal(trained["backbone." + key], start.backbone.state_dict()[key]), key
+    assert not torch.equal(trained["backbone.layer3.0.conv1.weight"], start.backbone.state_dict()["layer3.0.conv1.weight"])
