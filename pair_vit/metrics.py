@@ -1,5 +1,6 @@
 """ISC2021 / DISC21 matching-track evaluation: micro-average precision (uAP), recall at precision 0.9,
-recall@1, precision-recall curves, a per-edit-family breakdown, and strict submission validation.
+recall@1, recall@k, precision-recall curves and a per-edit-family breakdown (reading and validating the CSVs:
+`pair_vit.submissions`).
 
 A submission is a CSV `query_id,reference_id,score`; a higher score means "more likely a copy". A
 prediction is *positive* iff its (query_id, reference_id) is a ground-truth pair. All predictions of all
@@ -15,25 +16,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
 from pair_vit.config import opt, to_dict
 from pair_vit.io import atomic_path, write_text_atomic
+from pair_vit.submissions import (EDITS_COLUMNS, GROUND_TRUTH_COLUMNS, PAIR, SUBMISSION_COLUMNS,  # noqa: F401
+                                  EvalInputError, read_edits, read_ground_truth, read_submission,
+                                  validate_ground_truth, validate_submission)
 
-SUBMISSION_COLUMNS = ("query_id", "reference_id", "score")
-GROUND_TRUTH_COLUMNS = ("query_id", "reference_id")
-EDITS_COLUMNS = ("query_id", "reference_id", "edits")
-PAIR = ["query_id", "reference_id"]
-
-
-class EvalInputError(ValueError):
-    """A submission, ground-truth or edits table is malformed; the message names the file and the row."""
 
 
 # ----------------------------------------------------------------------------- metrics on arrays
@@ -135,108 +130,6 @@ def recall_at_1(query_ids: Any, scores: Any, is_positive: Any, n_ground_truth_qu
     return float(positive[first].sum() / n_ground_truth_queries)
 
 
-# ----------------------------------------------------------------------------- reading and validation
-
-def _read_csv(path: str | Path, columns: Sequence[str], kind: str) -> pd.DataFrame:
-    """Read a CSV as strings (ids like `Q000123` stay strings) and check its header names `columns`."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"{kind} file {path}: not found")
-    try:
-        with warnings.catch_warnings():  # rows longer than the header only warn: make that an error
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
-    except pd.errors.EmptyDataError:
-        raise EvalInputError(f"{kind} file {path}: empty; expected header '{','.join(columns)}'") from None
-    except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError) as err:
-        reason = str(err).strip().splitlines()[-1]
-        raise EvalInputError(f"{kind} file {path}: not a valid CSV ({reason})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    _check_header(df, columns, f"{kind} file {path}")
-    return df
-
-
-def _check_header(df: pd.DataFrame, columns: Sequence[str], source: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if len(missing) == len(columns):
-        raise EvalInputError(f"{source}: missing header; the first line must be '{','.join(columns)}', "
-                             f"got '{','.join(df.columns)}'")
-    if missing:
-        raise EvalInputError(f"{source}: missing column(s) {missing}; header is {list(df.columns)}")
-
-
-def _clean_ids(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """Copy of `df` with id columns as stripped strings."""
-    df = df.copy()
-    for c in columns:
-        df[c] = df[c].fillna("").astype(str).str.strip()
-    return df.reset_index(drop=True)
-
-
-def _reject_empty(df: pd.DataFrame, column: str, source: str) -> None:
-    empty = np.flatnonzero((df[column] == "").to_numpy())
-    if empty.size:
-        raise EvalInputError(f"{source}: {empty.size} row(s) have an empty {column} "
-                             f"(first: data row {empty[0] + 1})")
-
-
-def _reject_duplicates(df: pd.DataFrame, columns: list[str], source: str) -> None:
-    dup = df.duplicated(columns, keep="first").to_numpy()
-    if dup.any():
-        example = ", ".join(f"{c}={df.loc[np.argmax(dup), c]!r}" for c in columns)
-        raise EvalInputError(f"{source}: {int(dup.sum())} duplicate ({', '.join(columns)}) row(s), "
-                             f"e.g. {example}")
-
-
-def validate_submission(df: pd.DataFrame, source: str = "submission") -> pd.DataFrame:
-    """Checked copy of a submission: string ids, float64 finite scores, no duplicate pairs."""
-    _check_header(df, SUBMISSION_COLUMNS, source)
-    df = _clean_ids(df[list(SUBMISSION_COLUMNS)], PAIR)
-    _reject_empty(df, "query_id", source)
-    _reject_empty(df, "reference_id", source)
-    raw = df["score"]
-    text = raw if pd.api.types.is_numeric_dtype(raw) else raw.astype(str).str.strip()
-    scores = pd.to_numeric(text, errors="coerce")
-    scores = scores.to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = np.flatnonzero(~np.isfinite(scores))
-    if bad.size:
-        i = bad[0]
-        raise EvalInputError(f"{source}: {bad.size} row(s) have a missing or non-numeric score, e.g. data row "
-                             f"{i + 1} ({df.query_id[i]},{df.reference_id[i]}) score {raw[i]!r}")
-    _reject_duplicates(df, PAIR, source)
-    return df.assign(score=scores)
-
-
-def validate_ground_truth(df: pd.DataFrame, source: str = "ground truth") -> pd.DataFrame:
-    """Checked ground-truth pairs; rows with an empty reference_id (queries without a match) are dropped."""
-    _check_header(df, GROUND_TRUTH_COLUMNS, source)
-    df = _clean_ids(df[PAIR], PAIR)
-    df = df[df.reference_id != ""].reset_index(drop=True)
-    _reject_empty(df, "query_id", source)
-    _reject_duplicates(df, PAIR, source)
-    return df
-
-
-def read_submission(path: str | Path) -> pd.DataFrame:
-    """A validated submission CSV `query_id,reference_id,score`; a header-only file is a valid, empty one."""
-    return validate_submission(_read_csv(path, SUBMISSION_COLUMNS, "submission"), f"submission file {path}")
-
-
-def read_ground_truth(path: str | Path) -> pd.DataFrame:
-    """Validated ground-truth pairs from a CSV `query_id,reference_id` (empty reference_id rows dropped)."""
-    df = _read_csv(path, GROUND_TRUTH_COLUMNS, "ground-truth")
-    return validate_ground_truth(df, f"ground-truth file {path}")
-
-
-def read_edits(path: str | Path) -> pd.DataFrame:
-    """Edit chains `query_id,reference_id,edits` (edits: family names joined by ';'), one row per query."""
-    source = f"edits file {path}"
-    df = _clean_ids(_read_csv(path, EDITS_COLUMNS, "edits")[list(EDITS_COLUMNS)], EDITS_COLUMNS)
-    _reject_empty(df, "query_id", source)
-    _reject_duplicates(df, ["query_id"], source)
-    return df
-
-
 # ----------------------------------------------------------------------------- metrics on tables
 
 @dataclass
@@ -311,14 +204,15 @@ def edit_families(edits: pd.DataFrame, positive_queries: set[str]) -> dict[str, 
 
 
 def per_edit_breakdown(predictions: pd.DataFrame, ground_truth: pd.DataFrame,
-                       edits: pd.DataFrame) -> pd.DataFrame:
+                       edits: pd.DataFrame, ks: Iterable[int] = (20, 50)) -> pd.DataFrame:
     """Metrics per edit family, hardest (lowest uAP) first.
 
     For family F the metrics use the predictions of the positive queries whose chain contains F PLUS the
     predictions of every distractor query (a query with no ground-truth pair). The distractors are what
     make precision drop: without them every family would look nearly perfect. n_queries / n_ground_truth
     count F's positive queries / pairs. Columns: edit, n_queries, n_ground_truth, n_predictions, uap,
-    recall_at_p90, threshold_at_p90, recall_at_1.
+    recall_at_p90, threshold_at_p90, recall_at_1, and recall_at_<k> for each of `ks` (`recall_at_k` over F's
+    positive queries alone: is the true reference among a query's k best, e.g. in a shortlist of k).
     """
     pred = validate_submission(predictions, "predictions")
     gt = validate_ground_truth(ground_truth)
@@ -328,9 +222,11 @@ def per_edit_breakdown(predictions: pd.DataFrame, ground_truth: pd.DataFrame,
     for name, queries in edit_families(edits, set(gt.query_id)).items():
         keep = pred.query_id.isin(queries).to_numpy() | distractor
         m = _summarize(pred[keep], positive[keep], int(gt.query_id.isin(queries).sum()), len(queries))
-        rows.append({"edit": name, "n_queries": len(queries), **dataclasses.asdict(m)})
+        found = recall_at_k(pred[pred.query_id.isin(queries)], gt[gt.query_id.isin(queries)], ks)
+        rows.append({"edit": name, "n_queries": len(queries), **dataclasses.asdict(m),
+                     **{f"recall_at_{k}": r for k, r in found.items()}})
     columns = ["edit", "n_queries", "n_ground_truth", "n_predictions", "uap", "recall_at_p90",
-               "threshold_at_p90", "recall_at_1"]
+               "threshold_at_p90", "recall_at_1", *(f"recall_at_{int(k)}" for k in ks)]
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(["uap", "edit"], kind="stable").reset_index(drop=True)
 

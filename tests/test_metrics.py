@@ -170,6 +170,12 @@ def test_per_edit_breakdown_includes_distractors():
     assert table.loc["jpeg", "n_queries"] == 1
     assert table.loc["blur", "uap"] == pytest.approx(1.0)
     assert list(table.index)[0] == "crop"  # hardest first
+    # both crop queries predict their true reference (and nothing else): in the top 20
+    assert table.loc["crop", "recall_at_20"] == 1.0
+    extra = pd.concat([PRED[PRED.query_id != "Q2"], frame([("Q2", f"X{i}", 0.9 - i / 100) for i in range(20)]),
+                       frame([("Q2", "R2", 0.1)])])
+    ranked = per_edit_breakdown(extra, GT, EDITS, ks=(20, 21)).set_index("edit")
+    assert ranked.loc["crop", "recall_at_20"] == 0.5 and ranked.loc["crop", "recall_at_21"] == 1.0
 
 
 # ----------------------------------------------------------------------------- reading and validation
