@@ -9,8 +9,9 @@ from PIL import Image
 from pair_vit import data, demo_dir
 from pair_vit.checkpoint import CheckpointError, save_checkpoint
 from pair_vit.descriptor.model import build_descriptor
+from pair_vit.pair.inputs import preprocess
 from pair_vit.pair.model import (build_pair_model, default_model_args, init_stem_from, load_pair_model,
-                                 make_optimizer, preprocess, save_pair_model, score_pairs)
+                                 make_optimizer, save_pair_model, score_pairs)
 
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 
