@@ -107,8 +107,11 @@ def test_subtraction_lowers_lookalike_similarity(clothing):
 
 def test_stretching_lowers_lookalike_scores_more_than_copy_scores(clothing):
     negatives, references, queries = clothing
-    cfg = norm.NormaliseConfig(normalise="stretch", stretch_n=5, stretch_factor=2.5)  # VisionForce's settings
-    assert (norm.stretch_factors(queries, negatives, cfg.stretch_n, cfg.stretch_factor) > 1).all()  # look-alikes all
+    # VisionForce's n = 5, with a factor that scales every query up (> 1), whatever the shipped descriptor's
+    # similarity level: these clothing photos all resemble the training photos
+    mean_sims = norm.nearest_negatives(queries, negatives, 5)[0].mean(axis=1)
+    assert mean_sims.min() > 0.1
+    cfg = norm.NormaliseConfig(normalise="stretch", stretch_n=5, stretch_factor=1.2 / float(mean_sims.min()))
 
     def scores(q, r):  # the track's score: -squared Euclidean distance
         return -((q[:, None, :] - r[None, :, :]) ** 2).sum(-1)
