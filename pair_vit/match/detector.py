@@ -115,7 +115,8 @@ class CopyDetector:
         pair_path = Path(cfg.checkpoint) if cfg.checkpoint else rerank.SHIPPED_WEIGHTS
         self.weights = {"descriptor": {"checkpoint": str(path.resolve()),
                                        "fingerprint": ix.model_fingerprint(self.descriptor)},
-                        "pair": {"checkpoint": str(pair_path.resolve()), "fingerprint": ix.model_fingerprint(self.pair)}}
+                        "pair": {"checkpoint": str(pair_path.resolve()),
+                                 "fingerprint": ix.model_fingerprint(self.pair)}}
 
     def rerank_config(self, **fields: Any) -> RerankConfig:
         """The scripts/rerank.py settings this detector scores with (plus `fields`, e.g. queries=...)."""

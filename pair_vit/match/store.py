@@ -2,7 +2,7 @@
 
     store = ReferenceStore()                      # a new collection (pending rows in a private temp file)
     store.put([StoredReference(ref_id, source, vectors, tensor, xy, desc), ...])
-    store.tensors(["a", "b"]); store.keypoints(["a"]); store.vectors(["a"])
+    store.tensors(["a", "b"], half_size); store.keypoints(["a"]); store.vectors(["a"], dim)
     store.save(folder, meta)                      # the commit point of `CopyDetector.save`
     store = ReferenceStore.open(folder)           # refuses a folder whose first save never finished
 
@@ -15,11 +15,11 @@ or keypoint extraction. On disk: about 37 KB (shipped pair ViT, 112 x 112) + 264
 descriptor view.
 
 Atomicity: rows added or removed since the last save are pending (added rows in a temporary database under TMPDIR,
-about 150 KB per reference, removed ids in memory). `save` into the folder the store was opened from (or last saved to) applies them and the new `meta`
-in ONE SQLite transaction: a process killed before its commit leaves the previous save intact (SQLite rolls the
-journal back on the next open). `save` into another folder writes a complete database under a temporary name
-and renames it into place. `meta` names the faiss index folder of the save, written before the commit, so a
-save's rows, metadata and index always belong together.
+about 150 KB per reference; removed ids in memory). `save` into the folder the store was opened from (or last
+saved to) applies them and the new `meta` in ONE SQLite transaction: a process killed before its commit leaves the
+previous save intact (SQLite rolls the journal back on the next open). `save` into another folder writes a
+complete database under a temporary name and renames it into place. `meta` names the faiss index folder of the
+save, written before the commit, so a save's rows, metadata and index always belong together.
 """
 from __future__ import annotations
 
