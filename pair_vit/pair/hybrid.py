@@ -12,6 +12,13 @@ timm ViT built over the trunk's feature grid with patch size 1: its patch projec
 projection of the C trunk channels, followed by the half marker; timm adds the position embeddings and the class
 token. The trunk starts from ImageNet weights (`pair_vit.pretrained`) or a descriptor's backbone and is
 frozen (`freeze_trunk`) or fine-tuned, as the training config says.
+
+`token_match="mnn"` adds correspondence channels to every token before the projection (`match_channels`): its
+cosine similarity to its nearest neighbour among the other image's tokens, the margin over the second nearest,
+whether the two are mutual nearest neighbours, and where in the other image that neighbour sits. Counting mutual
+nearest neighbours between frozen ImageNet tokens already separates copies from look-alikes without training;
+these channels hand the transformer that evidence, and the positions let its attention check that the matches
+agree geometrically (a copy's matches move together; a look-alike's scatter).
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from pair_vit.pair.inputs import PairInputs
 from pair_vit.pair.layers import HalfMarker
 
 TOKEN_STRIDE = 16
+TOKEN_MATCH = ("none", "mnn")
+MATCH_CHANNELS = 5  # nearest similarity, margin over the second, mutual flag, neighbour's x and y
 
 
 def trunk_stage(backbone: str, stride: int = TOKEN_STRIDE) -> tuple[int, int]:
@@ -35,6 +44,56 @@ def trunk_stage(backbone: str, stride: int = TOKEN_STRIDE) -> tuple[int, int]:
         raise ValueError(f"backbone {backbone!r} has no stride-{stride} stage "
                          f"(strides {probe.feature_info.reduction()})")
     return stages[-1], probe.feature_info.channels()[stages[-1]]
+
+
+def create_trunk(backbone: str, stride: int = TOKEN_STRIDE) -> nn.Module:
+    """timm CNN `backbone` cut at its last stride-`stride` stage: (B, 3, H, W) -> [(B, C, H/stride, W/stride)]."""
+    stage, _ = trunk_stage(backbone, stride)
+    return timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(stage,))
+
+
+def correspondence_scores(ref: torch.Tensor, query: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Training-free pair scores from (B, C, Gh, Gw) tokens of each side -> name: (B,) float (higher = more
+    likely a copy): "mutual", the share of reference tokens that are mutual nearest neighbours of a query token;
+    "similarity", the mean over reference tokens of the cosine similarity to their nearest query token;
+    "confident_mutual", the share that are mutual neighbours with a similarity above 0.5."""
+    r, _ = match_channels(ref, query)
+    best, mutual = r[:, 0].flatten(1), r[:, 2].flatten(1)
+    return {"mutual": mutual.mean(1), "similarity": best.mean(1),
+            "confident_mutual": (mutual * (best > 0.5)).mean(1)}
+
+
+def match_channels(ref: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, Gh, Gw) tokens of each side -> (B, MATCH_CHANNELS, Gh, Gw) correspondence channels of each side.
+
+    Per token: cosine similarity to its nearest token in the other image, that minus the second nearest's,
+    1 where the two are mutual nearest neighbours (else 0), and the neighbour's x and y (its centre, the grid spanning [-1, 1])."""
+    b, _, gh, gw = ref.shape
+    r = nn.functional.normalize(ref.float().flatten(2), dim=1)  # (B, C, N)
+    q = nn.functional.normalize(query.float().flatten(2), dim=1)
+    sim = r.transpose(1, 2) @ q  # (B, N_ref, N_query) cosine similarities
+    grid = _grid_coordinates(gh, gw, sim.device)  # (N, 2) x, y
+    top_r, top_q = sim.topk(2, dim=2), sim.topk(2, dim=1)
+    nn_of_ref, nn_of_query = top_r.indices[..., 0], top_q.indices[:, 0]  # (B, N) indices into the other side
+    mutual_ref = torch.gather(nn_of_query, 1, nn_of_ref) == torch.arange(gh * gw, device=sim.device)
+    mutual_query = torch.gather(nn_of_ref, 1, nn_of_query) == torch.arange(gh * gw, device=sim.device)
+    ref_ch = _channels(top_r.values[..., 0], top_r.values[..., 1], mutual_ref, grid[nn_of_ref])
+    query_ch = _channels(top_q.values[:, 0], top_q.values[:, 1], mutual_query, grid[nn_of_query])
+    return ref_ch.view(b, MATCH_CHANNELS, gh, gw), query_ch.view(b, MATCH_CHANNELS, gh, gw)
+
+
+def _grid_coordinates(gh: int, gw: int, device: torch.device) -> torch.Tensor:
+    """(gh * gw, 2) x and y of each token's centre (row-major), the grid spanning [-1, 1]."""
+    def centres(n: int) -> torch.Tensor:
+        return (torch.arange(n, device=device) + 0.5) * (2 / n) - 1
+
+    ys, xs = torch.meshgrid(centres(gh), centres(gw), indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=1)
+
+
+def _channels(best: torch.Tensor, second: torch.Tensor, mutual: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(B, N) best and second similarities, (B, N) mutual flags, (B, N, 2) positions -> (B, 5, N)."""
+    return torch.cat([torch.stack([best, best - second, mutual.float()], dim=1), where.transpose(1, 2)], dim=1)
 
 
 def trunk_input_stats(backbone: str) -> tuple[list[float], list[float]]:
@@ -57,12 +116,14 @@ class HybridPairViT(PairInputs, nn.Module):
         if height % TOKEN_STRIDE or self.half_size[1] % TOKEN_STRIDE:
             raise ValueError(f"a hybrid pair model needs halves of multiples of {TOKEN_STRIDE} px, "
                              f"got input_size {args['input_size']}")
-        stage, channels = trunk_stage(args["stem_backbone"])
-        self.trunk = timm.create_model(args["stem_backbone"], pretrained=False, features_only=True,
-                                       out_indices=(stage,))
+        channels = trunk_stage(args["stem_backbone"])[1]
+        self.trunk = create_trunk(args["stem_backbone"])
         self.trunk.to(memory_format=torch.channels_last)  # much faster convolutions on CPU under bf16
         self.grid = (height // TOKEN_STRIDE, self.half_size[1] // TOKEN_STRIDE)  # tokens per half (Gh, Gw)
-        self.vit = self._create_vit(args, channels, pretrained)
+        if args["token_match"] not in TOKEN_MATCH:
+            raise ValueError(f"token_match must be one of {TOKEN_MATCH}, got {args['token_match']!r}")
+        self.use_match = args["token_match"] == "mnn"
+        self.vit = self._create_vit(args, channels + MATCH_CHANNELS * self.use_match, pretrained)
         if args["half_marker"]:
             embed = self.vit.patch_embed
             embed.proj = nn.Sequential(embed.proj, HalfMarker(embed.proj.out_channels))
@@ -108,6 +169,10 @@ class HybridPairViT(PairInputs, nn.Module):
 
     def forward_tokens(self, ref_tokens: torch.Tensor, query_tokens: torch.Tensor) -> torch.Tensor:
         """(B, C, Gh, Gw) tokens of each side -> (B,) logits (higher = more likely a copy)."""
+        if self.use_match:
+            ref_match, query_match = match_channels(ref_tokens, query_tokens)
+            ref_tokens = torch.cat([ref_tokens.float(), ref_match], dim=1)
+            query_tokens = torch.cat([query_tokens.float(), query_match], dim=1)
         x = torch.cat([ref_tokens, query_tokens], dim=3).to(self.head.weight.dtype)  # reference left, query right
         features = self.vit.forward_features(x)  # (B, prefix + Gh*2Gw, D)
         pooled = self.vit.forward_head(features, pre_logits=True)  # (B, D)

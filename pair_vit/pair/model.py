@@ -54,11 +54,12 @@ def default_model_args(**overrides: Any) -> dict[str, Any]:
     backbone: timm model name; input_size: [H, W] of the pair image (each half is H x W/2); stem: "conv",
     "patch" or "cnn"; stem_backbone: the timm CNN of a "cnn" stem; half_marker: learned reference/query
     embedding; dynamic_size: accept other input sizes (progressive resolution; position embeddings
-    resampled on the fly); backbone_kwargs: extra timm arguments (depth, embed_dim, num_heads,
+    resampled on the fly); token_match: "mnn" adds nearest-neighbour correspondence channels to a hybrid's
+    tokens (`pair_vit.pair.hybrid.match_channels`), "none" does not; backbone_kwargs: extra timm arguments (depth, embed_dim, num_heads,
     drop_path_rate, ...); mean/std: input normalisation.
     """
     args = {"backbone": "vit_tiny_patch16_224", "input_size": [112, 224], "stem": "conv",
-            "stem_backbone": "resnet10t", "half_marker": True,
+            "stem_backbone": "resnet10t", "half_marker": True, "token_match": "none",
             "dynamic_size": False, "backbone_kwargs": {}, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
     unknown = set(overrides) - set(args)
     if unknown:
@@ -168,6 +169,9 @@ def build_pair_model(model_args: dict[str, Any] | None = None, pretrained: str =
     args = default_model_args(**(model_args or {}))
     if args["stem"] not in STEMS:
         raise ValueError(f"stem must be one of {STEMS}, got {args['stem']!r}")
+    if args["token_match"] != "none" and args["stem"] != "hybrid":
+        raise ValueError(f"token_match={args['token_match']!r} needs the hybrid stem (tokens per image), "
+                         f"not stem={args['stem']!r}")
     return HybridPairViT(args, pretrained) if args["stem"] == "hybrid" else PairViT(args, pretrained)
 
 

@@ -35,6 +35,7 @@ from pair_vit import data, demo_dir, training
 from pair_vit.pair import data as pd_
 from pair_vit.config import opt, option_like, save_config, to_dict
 from pair_vit.pretrained import load_imagenet
+from pair_vit.pair.hybrid import TOKEN_MATCH
 from pair_vit.pair.model import (KIND, STEMS, build_pair_model, default_model_args, init_stem_from, make_optimizer,
                                  pair_metrics, save_pair_model, score_pairs, stem_input_stats, trunk_of)
 
@@ -46,7 +47,8 @@ METRIC_COLUMNS = ("step", "loss", "lr", "intensity_cap", "steps_per_s", "pairs_p
 
 # Options a resumed run must share with its checkpoint (it also must see the same photos).
 RESUME_KEYS = tuple(dict.fromkeys(training.RESUME_KEYS + (
-    "input_size", "stem", "stem_backbone", "stem_pretrained", "stem_from", "stem_lr_scale", "half_marker", "backbone_kwargs", "progressive_min_height",
+    "input_size", "stem", "stem_backbone", "stem_pretrained", "stem_from", "stem_lr_scale", "half_marker",
+    "token_match", "backbone_kwargs", "progressive_min_height",
     "heldout_fraction", "descriptor_checkpoint", "groups_per_step", "random_fraction", "max_edits", "n_donors",
     "load_side")))
 
@@ -79,6 +81,9 @@ class TrainPairsConfig(training.TrainConfig):
     stem_from: str = opt("", "descriptor checkpoint whose backbone initialises the CNN trunk (same backbone)")
     stem_lr_scale: float = opt(1.0, "learning rate of the CNN trunk, as a fraction of --lr (0: frozen)")
     half_marker: bool = opt(True, "learned embedding telling reference tokens from query tokens")
+    token_match: str = opt("none", "hybrid stem: mnn adds nearest-neighbour correspondence channels to each token "
+                                   "(similarity, margin, mutual flag, neighbour position); none does not",
+                           choices=TOKEN_MATCH)
     backbone_kwargs: dict = opt({}, "extra timm arguments as YAML, e.g. '{depth: 2, embed_dim: 64, num_heads: 2}'")
     # evaluation
     eval_every: int = opt(250, "score the held-out pairs every this many steps (0: only at the end)")
@@ -107,6 +112,7 @@ def model_args(cfg: TrainPairsConfig) -> dict[str, Any]:
     norm = stem_input_stats(cfg.stem, cfg.stem_backbone)  # a CNN trunk reads images normalised as it learnt to
     return default_model_args(backbone=cfg.backbone, input_size=cfg.input_size, stem=cfg.stem,
                               stem_backbone=cfg.stem_backbone, half_marker=cfg.half_marker,
+                              token_match=cfg.token_match,
                               backbone_kwargs=cfg.backbone_kwargs, dynamic_size=cfg.progressive_min_height > 0,
                               **norm)
 

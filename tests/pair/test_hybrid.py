@@ -69,8 +69,9 @@ def test_halves_must_be_whole_tokens():
         hybrid(input_size=[40, 80])
 
 
-def test_token_cache_scores_as_the_model_and_stays_bounded(tmp_path):
-    model = hybrid()
+@pytest.mark.parametrize("token_match", ["none", "mnn"])
+def test_token_cache_scores_as_the_model_and_stays_bounded(tmp_path, token_match):
+    model = hybrid(token_match=token_match)
     photos = sorted((Path(str(demo_dir())) / "clothing_cc0").glob("*.jpg"))[:4]
     paths = {p.stem: p for p in photos}
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
@@ -90,8 +91,9 @@ def test_token_cache_scores_as_the_model_and_stays_bounded(tmp_path):
     assert n == 4 and np.allclose(scored.logit.to_numpy(), direct, atol=1e-4)
 
 
-def test_attention_rollout_covers_the_token_grid():
-    model = hybrid()
+@pytest.mark.parametrize("token_match", ["none", "mnn"])
+def test_attention_rollout_covers_the_token_grid(token_match):
+    model = hybrid(token_match=token_match)
     a, b = (Image.open(p).convert("RGB") for p in sorted((Path(str(demo_dir())) / "clothing_cc0").glob("*.jpg"))[:2])
     result = pair_rollout(model, a, b)
     assert result.grid.shape == model.token_grid and 0 <= result.probability <= 1
@@ -99,3 +101,51 @@ def test_attention_rollout_covers_the_token_grid():
 
 def test_pairs_per_second_on_cached_tokens():
     assert scoring.timed_pairs_per_second(hybrid(), n=32, batch_size=8, amp=False) > 0
+
+
+def test_match_channels_on_hand_made_grids():
+    from pair_vit.pair.hybrid import MATCH_CHANNELS, match_channels
+
+    # reference tokens e_0, e_1, e_2 on a 1 x 3 grid; the query holds e_2, e_1 and a blend e_0 + 2 e_1
+    basis = torch.eye(3)
+    ref = basis.T.reshape(1, 3, 1, 3)  # token j = e_j
+    query = torch.stack([basis[2], basis[1], basis[0] + 2 * basis[1]], dim=1).reshape(1, 3, 1, 3)
+    r, q = match_channels(ref, query)
+    assert r.shape == q.shape == (1, MATCH_CHANNELS, 1, 3)
+    best, margin, mutual, x, y = r[0, :, 0]
+    a, b = 5 ** -0.5, 2 * 5 ** -0.5  # cosines of the blend with e_0 and e_1
+    assert torch.allclose(best, torch.tensor([a, 1.0, 1.0]))  # e_0's nearest query token is the blend
+    assert torch.allclose(margin, torch.tensor([a, 1 - b, 1.0]))
+    assert mutual.tolist() == [0.0, 1.0, 1.0]  # the blend's own nearest reference token is e_1, not e_0
+    assert torch.allclose(x, torch.tensor([2 / 3, 0, -2 / 3])) and y.tolist() == [0.0, 0.0, 0.0]  # token centres
+    q_best, _, q_mutual, q_x, _ = q[0, :, 0]
+    assert torch.allclose(q_best, torch.tensor([1.0, 1.0, b])) and q_mutual.tolist() == [1.0, 1.0, 0.0]
+    assert torch.allclose(q_x, torch.tensor([2 / 3, 0, 0]))
+
+
+def test_token_match_model_reads_the_correspondences():
+    model = hybrid(token_match="mnn")
+    assert model.vit.patch_embed.proj[0].in_channels == 48 + 5
+    ref = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        t = model.tokens(ref)
+        same = model.forward_tokens(t, t)
+        other = model.forward_tokens(t, model.tokens(torch.randn(2, 3, 32, 32)))
+    assert same.shape == (2,) and not torch.allclose(same, other, atol=1e-4)
+    with pytest.raises(ValueError, match="hybrid stem"):
+        build_pair_model(default_model_args(token_match="mnn"))
+    with pytest.raises(ValueError, match="token_match"):
+        hybrid(token_match="dense")
+
+
+def test_correspondence_scores_rank_a_copy_above_a_stranger():
+    from pair_vit.pair.hybrid import correspondence_scores
+
+    torch.manual_seed(0)
+    ref = torch.randn(1, 8, 3, 3)
+    copy = ref + 0.1 * torch.randn(1, 8, 3, 3)  # the same tokens, slightly perturbed
+    stranger = torch.randn(1, 8, 3, 3)
+    scores = correspondence_scores(torch.cat([ref, ref]), torch.cat([copy, stranger]))
+    assert scores["mutual"][0] == 1.0 and scores["confident_mutual"][0] == 1.0
+    assert scores["similarity"][0] > 0.9 > scores["similarity"][1]
+    assert scores["mutual"][1] < 1.0 and scores["confident_mutual"][1] < 0.5

@@ -145,19 +145,21 @@ def test_resume_is_exact(photos, tmp_path):
 
 
 def test_hybrid_with_a_frozen_imagenet_trunk_trains_and_resumes(photos, tmp_path):
-    """--stem hybrid: the ImageNet Lite0 trunk per image, frozen (--stem-lr-scale 0): the trunk's weights at
-    the end are still ImageNet's, the transformer's moved; resuming keeps both."""
+    """--stem hybrid: the ImageNet Lite0 trunk per image, frozen (--stem-lr-scale 0), with correspondence
+    channels (--token-match mnn): the trunk's weights at the end are still ImageNet's; resuming keeps them."""
     from pair_vit.pair.model import load_pair_model, trunk_of
     from pair_vit.pretrained import imagenet_state_dict
 
     out, hybrid = tmp_path / "hybrid", ["--stem", "hybrid", "--stem-backbone", "tf_efficientnet_lite0",
-                                        "--stem-pretrained", "imagenet", "--stem-lr-scale", "0"]
+                                        "--stem-pretrained", "imagenet", "--stem-lr-scale", "0",
+                                        "--token-match", "mnn"]
     first = train("--train-dir", photos, "--output-dir", out, "--max-steps", 2, *hybrid)
     assert first.returncode == 0, first.stderr
     again = train("--train-dir", photos, "--output-dir", out, "--max-steps", 3, "--resume", *hybrid)
     assert again.returncode == 0, again.stderr
     model, meta = load_pair_model(out / "checkpoint.pt")
     assert meta["step"] == 3 and model.model_args["mean"] == [0.5, 0.5, 0.5]
+    assert model.model_args["token_match"] == "mnn" and model.use_match
     imagenet = imagenet_state_dict("tf_efficientnet_lite0")
     trunk = trunk_of(model).state_dict()
     assert all(torch.equal(v, imagenet[k]) for k, v in trunk.items() if v.is_floating_point())
