@@ -67,7 +67,8 @@ def match_channels(ref: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor
     """(B, C, Gh, Gw) tokens of each side -> (B, MATCH_CHANNELS, Gh, Gw) correspondence channels of each side.
 
     Per token: cosine similarity to its nearest token in the other image, that minus the second nearest's,
-    1 where the two are mutual nearest neighbours (else 0), and the neighbour's x and y (its centre, the grid spanning [-1, 1])."""
+    1 where the two are mutual nearest neighbours (else 0), and the neighbour's x and y (its centre, the grid
+    spanning [-1, 1])."""
     b, _, gh, gw = ref.shape
     r = nn.functional.normalize(ref.float().flatten(2), dim=1)  # (B, C, N)
     q = nn.functional.normalize(query.float().flatten(2), dim=1)
@@ -116,8 +117,8 @@ class HybridPairViT(PairInputs, nn.Module):
         if height % TOKEN_STRIDE or self.half_size[1] % TOKEN_STRIDE:
             raise ValueError(f"a hybrid pair model needs halves of multiples of {TOKEN_STRIDE} px, "
                              f"got input_size {args['input_size']}")
-        channels = trunk_stage(args["stem_backbone"])[1]
         self.trunk = create_trunk(args["stem_backbone"])
+        channels = self.trunk.feature_info.channels()[-1]
         self.trunk.to(memory_format=torch.channels_last)  # much faster convolutions on CPU under bf16
         self.grid = (height // TOKEN_STRIDE, self.half_size[1] // TOKEN_STRIDE)  # tokens per half (Gh, Gw)
         if args["token_match"] not in TOKEN_MATCH:

@@ -55,8 +55,8 @@ def default_model_args(**overrides: Any) -> dict[str, Any]:
     "patch" or "cnn"; stem_backbone: the timm CNN of a "cnn" stem; half_marker: learned reference/query
     embedding; dynamic_size: accept other input sizes (progressive resolution; position embeddings
     resampled on the fly); token_match: "mnn" adds nearest-neighbour correspondence channels to a hybrid's
-    tokens (`pair_vit.pair.hybrid.match_channels`), "none" does not; backbone_kwargs: extra timm arguments (depth, embed_dim, num_heads,
-    drop_path_rate, ...); mean/std: input normalisation.
+    tokens (`pair_vit.pair.hybrid.match_channels`), "none" does not; backbone_kwargs: extra timm arguments
+    (depth, embed_dim, num_heads, drop_path_rate, ...); mean/std: input normalisation.
     """
     args = {"backbone": "vit_tiny_patch16_224", "input_size": [112, 224], "stem": "conv",
             "stem_backbone": "resnet10t", "half_marker": True, "token_match": "none",
