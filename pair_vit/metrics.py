@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -229,6 +229,35 @@ def per_edit_breakdown(predictions: pd.DataFrame, ground_truth: pd.DataFrame,
                "threshold_at_p90", "recall_at_1", *(f"recall_at_{int(k)}" for k in ks)]
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(["uap", "edit"], kind="stable").reset_index(drop=True)
+
+
+def signal_rank1_by_family(rows: pd.DataFrame, ground_truth: pd.DataFrame, edits: pd.DataFrame,
+                           signals: Sequence[str]) -> pd.DataFrame:
+    """How often each signal ranks the true reference first among its query's shortlisted candidates, per edit
+    family: a fused uAP hides a signal's blind spots whenever another signal covers them.
+
+    rows: the shortlist (query_id, reference_id and one column per name in `signals`, higher = more likely a
+    copy). Only true copies whose reference is in the shortlist count. Rank-1 means strictly above every other
+    candidate of the query (a tie is not a win: SIFT's zero-inlier ties would otherwise count). A query counts
+    in every family of its chain, and in the "all" row once. Columns: edit, n (true copies shortlisted), then
+    the rank-1 fraction of each signal; rows: "all" first, then families by n, largest first.
+    """
+    gt = validate_ground_truth(ground_truth)
+    truth = set(zip(gt.query_id, gt.reference_id))
+    is_true = np.array([pair in truth for pair in zip(rows.query_id, rows.reference_id)], bool)
+    wins = {}
+    for name in signals:
+        values = rows[name].to_numpy(np.float64)
+        best_other = pd.Series(np.where(is_true, -np.inf, values)).groupby(rows.query_id.to_numpy()).transform("max")
+        wins[name] = pd.Series(values[is_true] > best_other.to_numpy()[is_true],
+                               index=rows.query_id.to_numpy()[is_true])
+    shortlisted = set(rows.query_id[is_true])
+    families = {"all": shortlisted, **{f: q & shortlisted for f, q in edit_families(edits, shortlisted).items()}}
+    out = [{"edit": f, "n": len(q), **{s: float(wins[s][wins[s].index.isin(q)].mean()) if q else float("nan")
+                                       for s in signals}} for f, q in families.items()]
+    table = pd.DataFrame(out, columns=["edit", "n", *signals])
+    return pd.concat([table.iloc[:1], table.iloc[1:].sort_values(["n", "edit"], ascending=[False, True])],
+                     ignore_index=True)
 
 
 # ----------------------------------------------------------------------------- reporting

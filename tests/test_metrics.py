@@ -273,3 +273,23 @@ def test_recall_at_k():
     assert recall_at_k(sub, gt, ks=(1, 2, 5)) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3),
                                            5: pytest.approx(2 / 3)}
     assert np.isnan(recall_at_k(sub, gt.iloc[:0], ks=(1,))[1])
+
+
+def test_signal_rank1_by_family_hand_computed():
+    from pair_vit.metrics import signal_rank1_by_family
+
+    rows = pd.DataFrame({
+        "query_id":     ["q1", "q1", "q2", "q2", "q3", "q3", "q4", "q4"],
+        "reference_id": ["r1", "x",  "r2", "y",  "r3", "z",  "w",  "v"],
+        # q1: a wins, b ties (not a win); q2: a loses, b wins; q3: both win; q4: a distractor (no true pair)
+        "a": [2.0, 1.0, 0.0, 5.0, 3.0, 1.0, 9.0, 9.0],
+        "b": [1.0, 1.0, 4.0, 0.0, 2.0, 0.0, 0.0, 0.0],
+    })
+    gt = pd.DataFrame({"query_id": ["q1", "q2", "q3", "q5"], "reference_id": ["r1", "r2", "r3", "r5"]})
+    edits = pd.DataFrame({"query_id": ["q1", "q2", "q3", "q4", "q5"],
+                          "edits": ["collage;jpeg", "collage", "crop", "blur", "collage"]})
+    table = signal_rank1_by_family(rows, gt, edits, ["a", "b"]).set_index("edit")
+    assert list(table.index) == ["all", "collage", "crop", "jpeg"]  # q5 was never shortlisted: not counted
+    assert table.loc["all"].tolist() == [3, 2 / 3, 2 / 3]
+    assert table.loc["collage"].tolist() == [2, 0.5, 0.5]
+    assert table.loc["crop"].tolist() == [1, 1.0, 1.0] and table.loc["jpeg"].tolist() == [1, 1.0, 0.0]

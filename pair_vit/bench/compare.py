@@ -209,7 +209,21 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
             rows.append(("rerank", name + " +fused", sub.assign(score=fused), sec_fused))
         if labels.any() and not labels.all():
             rows += _cross_fitted(name, sub, logit, scored, labels, inliers, (shortlist_sec, sec, verify_sec))
+    _signal_table(cfg, scored, gt, rows, out)
     return rows
+
+
+def _signal_table(cfg: CompareConfig, scored: pd.DataFrame, gt: pd.DataFrame, rows: list[Result], out: Path) -> None:
+    """Each signal's rank-1 rate per edit family (pair_vit.bench.signals), next to the fused default's."""
+    from pair_vit.bench.signals import edits_of, signal_ranks
+
+    edits = edits_of(cfg.benchmark)
+    fused = {variant: sub.score.to_numpy() for _, variant, sub, _ in rows
+             if variant in ("full +fused (cross-fit)", "full +fused +verified (cross-fit)")}
+    if edits is not None and len(gt):
+        table = signal_ranks(scored, gt, edits, {k.replace("full +", ""): v for k, v in fused.items()})
+        _write(table, out, "signal_rank1", f"Rank-1 among shortlisted true copies, per signal and edit family "
+                                           f"({cfg.benchmark})", "python " + " ".join(sys.argv))
 
 
 def _cross_fitted(name: str, sub: pd.DataFrame, logit: np.ndarray, scored: pd.DataFrame, labels: np.ndarray,

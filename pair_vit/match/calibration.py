@@ -3,7 +3,7 @@
 uAP ranks the predictions of ALL queries together, and a user acts on a score through a threshold, so the
 submission score must mean the same thing for every query:
 
-    score = sigmoid(w_logit * logit + w_desc * similarity + w_margin * margin
+    score = sigmoid(w_logit * logit + w_logit_margin * logit_margin + w_desc * similarity + w_margin * margin
                     + w_inliers * log1p(inliers) + w_inlier_margin * inlier_margin + bias)
 
 (higher = more likely a copy).
@@ -12,6 +12,9 @@ margin = the pair's descriptor similarity minus the highest similarity among the
 references (> 0 only for the query's top candidate): a copy usually stands out from the rest of its shortlist,
 a look-alike of many references does not. It makes a score depend on the query's shortlist, as score
 normalisation does, and it raised the fused uAP (measured: docs/results.md#similarity-margin-in-the-calibration).
+logit_margin = the same margin taken of the pair logit: a query with no source whose best candidate gets a high
+logit from a look-alike usually has other candidates scoring nearly as high; a copy stands out (the localized
+reading raises every candidate's best logit a little, so the margin keeps scores comparable across queries).
 inliers = RANSAC inliers of the pair's SIFT matches (`pair_vit.match.verify`), inlier_margin = the same margin
 taken of log1p(inliers); both are used only by a calibration fitted with verification.
 
@@ -50,8 +53,8 @@ def similarity_margin(query_ids: np.ndarray, similarity: np.ndarray) -> np.ndarr
 
 @dataclass
 class Calibration:
-    """score = sigmoid(w_logit * logit + w_desc * similarity + w_margin * margin + w_inliers * log1p(inliers)
-    + w_inlier_margin * inlier_margin + bias)."""
+    """score = sigmoid(w_logit * logit + w_logit_margin * logit_margin + w_desc * similarity + w_margin * margin
+    + w_inliers * log1p(inliers) + w_inlier_margin * inlier_margin + bias)."""
 
     w_logit: float = 1.0
     w_desc: float = 0.0
@@ -59,6 +62,7 @@ class Calibration:
     w_margin: float = 0.0  # weight of `similarity_margin` (0: not used, no query ids needed)
     w_inliers: float = 0.0  # weight of log1p(SIFT RANSAC inliers) (0: no verification needed)
     w_inlier_margin: float = 0.0  # weight of the margin of log1p(inliers) over the query's other candidates
+    w_logit_margin: float = 0.0  # weight of the pair logit's margin over the query's other candidates
     threshold_p90: float | None = None  # calibrated score with precision 0.90 on the benchmark it was fitted on
     fitted_on: str = ""  # what it was fitted on (benchmark, pairs, positives)
 
@@ -79,7 +83,7 @@ class Calibration:
 
     @property
     def fuses(self) -> bool:
-        return self.w_desc != 0.0 or self.w_margin != 0.0 or self.needs_inliers
+        return self.w_desc != 0.0 or self.w_margin != 0.0 or self.w_logit_margin != 0.0 or self.needs_inliers
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,13 +103,13 @@ class Calibration:
             raise ValueError(f"calibration file {path}: {err}") from None
 
 
-FEATURES = ("w_logit", "w_desc", "w_margin", "w_inliers", "w_inlier_margin")  # Calibration weight of each
+FEATURES = ("w_logit", "w_desc", "w_margin", "w_inliers", "w_inlier_margin", "w_logit_margin")  # Calibration weight of each
 
 
 def features(names, logit, similarity, query_ids=None, inliers=None) -> dict[str, np.ndarray]:
     """The score features `names` (Calibration weight names, see FEATURES) of N pairs, as (N,) float64 arrays;
     a margin needs the pairs' query ids (whole shortlists), an inlier feature their RANSAC inliers."""
-    if query_ids is None and {"w_margin", "w_inlier_margin"} & set(names):
+    if query_ids is None and {"w_margin", "w_inlier_margin", "w_logit_margin"} & set(names):
         raise ValueError("this calibration uses margins over the query's other candidates: pass the pairs' "
                          "query ids")
     if inliers is None and {"w_inliers", "w_inlier_margin"} & set(names):
@@ -114,14 +118,15 @@ def features(names, logit, similarity, query_ids=None, inliers=None) -> dict[str
     verified = None if inliers is None else np.log1p(np.asarray(inliers, np.float64))
     make = {"w_logit": lambda: logit, "w_desc": lambda: similarity,
             "w_margin": lambda: similarity_margin(query_ids, similarity), "w_inliers": lambda: verified,
-            "w_inlier_margin": lambda: similarity_margin(query_ids, verified)}
+            "w_inlier_margin": lambda: similarity_margin(query_ids, verified),
+            "w_logit_margin": lambda: similarity_margin(query_ids, logit)}
     return {name: np.asarray(make[name](), np.float64) for name in names}
 
 
 def fit(logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray, fuse: bool = True,
         query_ids: np.ndarray | None = None, inliers: np.ndarray | None = None) -> Calibration:
     """Logistic regression of labels (1 = true copy) on the logit; with `fuse`, also on the similarity, on
-    `inliers` (log1p) if given, and with `query_ids` of whole shortlists on the margins of both."""
+    `inliers` (log1p) if given, and with `query_ids` of whole shortlists on the margins of each (the logit's too)."""
     from sklearn.linear_model import LogisticRegression
 
     labels = np.asarray(labels).astype(int)
@@ -129,7 +134,7 @@ def fit(logit: np.ndarray, similarity: np.ndarray, labels: np.ndarray, fuse: boo
         raise ValueError("calibration needs both true copies and non-copies among the scored pairs")
     margins, verified = query_ids is not None, inliers is not None
     wanted = {"w_logit": True, "w_desc": fuse, "w_margin": fuse and margins, "w_inliers": fuse and verified,
-              "w_inlier_margin": fuse and margins and verified}
+              "w_inlier_margin": fuse and margins and verified, "w_logit_margin": fuse and margins}
     names = [name for name in FEATURES if wanted[name]]
     columns = features(names, logit, similarity, query_ids, inliers)
     lr = LogisticRegression(C=100.0, max_iter=2000).fit(np.stack(list(columns.values()), axis=1), labels)

@@ -44,6 +44,7 @@ class GroupSettings:
     random_fraction: float = 0.25  # chance that a member is a random photo instead of a neighbour
     n_edits: tuple[int, int] = (1, 3)
     families: Sequence[str] | None = None
+    family_weights: dict[str, float] | None = None  # family -> relative draw weight (1 where absent; None: uniform)
     n_donors: int = 3
     load_side: int = 256  # photos are decoded with their longest side at most this (before editing)
     half_height: int = 112  # each half of the pair image is half_height x half_height at full resolution
@@ -54,6 +55,7 @@ class GroupSettings:
     size_multiple: int = 16  # progressive heights are multiples of this (the patch size)
     groups_per_step: int = 8  # groups in one training step, over all processes
     fixed_intensity: tuple[float, float] | None = None  # evaluation: draw from this range, no curriculum
+    fine_scale: int = 0  # > 0: queries also at fine_scale x the half size (a localizing model finds boxes there)
     mean: Sequence[float] = field(default_factory=lambda: list(DEFAULT_MEAN))
     std: Sequence[float] = field(default_factory=lambda: list(DEFAULT_STD))
 
@@ -285,7 +287,11 @@ class PairGroups(torch.utils.data.Dataset):
         size = self.s.half_size(step)
         refs = _stack([preprocess(im, size, self.s.mean, self.s.std) for im in images])
         queries = _stack([preprocess(im, size, self.s.mean, self.s.std) for im in edited])
-        return {"refs": refs, "queries": queries, "ids": [self.paths[i].stem for i in members],
+        fine = None
+        if self.s.fine_scale:  # the same edited images, read larger: what localization crops from
+            fine_size = (size[0] * self.s.fine_scale, size[1] * self.s.fine_scale)
+            fine = _stack([preprocess(im, fine_size, self.s.mean, self.s.std) for im in edited])
+        return {"refs": refs, "queries": queries, "queries_fine": fine, "ids": [self.paths[i].stem for i in members],
                 "donor_ids": donor_ids, "edits": [e.name for e in chain], "intensity": intensity, "step": step,
                 "skipped": skipped}
 
@@ -299,7 +305,8 @@ class PairGroups(torch.utils.data.Dataset):
 
         for attempt in range(4):
             n_donors = self.s.n_donors if attempt < 3 else 0
-            chain = sample_chain(rng, intensity, self.s.n_edits, self.s.families, n_donors=n_donors)
+            chain = sample_chain(rng, intensity, self.s.n_edits, self.s.families, n_donors=n_donors,
+                                 weights=self.s.family_weights)
             donor_ids, donors = [], []
             if any(e.name in DONOR_FAMILIES for e in chain):
                 donor_ids, donors = self._donors(rng, members, skipped)
@@ -318,8 +325,11 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def collate_groups(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Groups -> refs (n*G,3,h,w), queries (n*G,3,h,w), and per-group lists (ids, donor_ids, edits, ...)."""
+    """Groups -> refs (n*G,3,h,w), queries (n*G,3,h,w), queries_fine (n*G,3,sh,sw) or None, and per-group lists
+    (ids, donor_ids, edits, ...)."""
+    fine = [it.get("queries_fine") for it in items]
     return {"refs": torch.cat([it["refs"] for it in items]), "queries": torch.cat([it["queries"] for it in items]),
+            "queries_fine": None if any(f is None for f in fine) else torch.cat(fine),
             "n_groups": len(items), "group_size": len(items[0]["ids"]),
             "ids": [it["ids"] for it in items], "donor_ids": [it["donor_ids"] for it in items],
             "edits": [it["edits"] for it in items],
@@ -379,10 +389,11 @@ def worker_init(worker_id: int) -> None:
 
 
 def fixed_groups(photos: Photos, settings: GroupSettings, neighbours: int, seed: int, indices: Sequence[int],
-                 num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Groups `indices` of `photos` built once (e.g. held-out evaluation) -> refs (n*G,3,h,w), queries, n."""
+                 num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    """Groups `indices` of `photos` built once (e.g. held-out evaluation) -> refs (n*G,3,h,w), queries, n,
+    queries_fine (None unless settings.fine_scale)."""
     groups = PairGroups(photos.paths, nearest_neighbours(photos.vectors, neighbours), settings, seed)
     loader = torch.utils.data.DataLoader(groups, sampler=list(indices), batch_size=max(1, len(indices)),
                                          num_workers=num_workers, collate_fn=collate_groups)
     batch = next(iter(loader))
-    return batch["refs"], batch["queries"], batch["n_groups"]
+    return batch["refs"], batch["queries"], batch["n_groups"], batch["queries_fine"]

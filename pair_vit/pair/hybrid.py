@@ -30,6 +30,7 @@ from torch import nn
 
 from pair_vit.pair.inputs import PairInputs
 from pair_vit.pair.layers import HalfMarker
+from pair_vit.pair.localize import LocalizeSettings, local_tokens
 
 TOKEN_STRIDE = 16
 TOKEN_MATCH = ("none", "mnn")
@@ -124,6 +125,7 @@ class HybridPairViT(PairInputs, nn.Module):
         if args["token_match"] not in TOKEN_MATCH:
             raise ValueError(f"token_match must be one of {TOKEN_MATCH}, got {args['token_match']!r}")
         self.use_match = args["token_match"] == "mnn"
+        self.localize = LocalizeSettings.from_args(args.get("localize"))  # None: the whole query only
         self.vit = self._create_vit(args, channels + MATCH_CHANNELS * self.use_match, pretrained)
         if args["half_marker"]:
             embed = self.vit.patch_embed
@@ -180,8 +182,26 @@ class HybridPairViT(PairInputs, nn.Module):
         return self.head(pooled).squeeze(1).float()
 
     def forward(self, ref: torch.Tensor, query: torch.Tensor, ref_index: torch.Tensor | None = None,
-                query_index: torch.Tensor | None = None) -> torch.Tensor:
+                query_index: torch.Tensor | None = None, query_fine: torch.Tensor | None = None):
+        """Logits (B,) of the whole query; with `query_fine` (Q, 3, sH, sW/2: the queries read at the localize
+        scale) a localizing model returns (logits (B, 2): whole query, localized region; found (B,) bool)."""
         ref_tokens, query_tokens = self.tokens(ref), self.tokens(query)
-        if ref_index is not None:
-            ref_tokens, query_tokens = ref_tokens[ref_index], query_tokens[query_index]
-        return self.forward_tokens(ref_tokens, query_tokens)
+        if ref_index is None:
+            ref_index = query_index = torch.arange(len(ref_tokens), device=ref_tokens.device)
+        ref_tokens = ref_tokens[ref_index]
+        full = self.forward_tokens(ref_tokens, query_tokens[query_index])
+        if query_fine is None or self.localize is None:
+            return full
+        return self.forward_local(ref_tokens, query_fine, self.tokens(query_fine), query_index, full)
+
+    def forward_local(self, ref_tokens: torch.Tensor, fine_images: torch.Tensor, fine_tokens: torch.Tensor,
+                      query_index: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, Gh, Gw) reference tokens of B pairs, the (Q, 3, sH, sW) fine query images and their tokens,
+        (B,) query index, (B,) whole-query logits -> (logits (B, 2): whole query, localized region; found (B,)).
+        A pair whose box was not found keeps its whole-query logit as its local one."""
+        crops, _, found = local_tokens(self, ref_tokens, fine_images, fine_tokens, query_index, self.localize)
+        picked = found.nonzero().squeeze(1)
+        local = full
+        if len(picked):
+            local = full.index_put((picked,), self.forward_tokens(ref_tokens[picked], crops))
+        return torch.stack([full, local], dim=1), found

@@ -55,11 +55,13 @@ def default_model_args(**overrides: Any) -> dict[str, Any]:
     "patch" or "cnn"; stem_backbone: the timm CNN of a "cnn" stem; half_marker: learned reference/query
     embedding; dynamic_size: accept other input sizes (progressive resolution; position embeddings
     resampled on the fly); token_match: "mnn" adds nearest-neighbour correspondence channels to a hybrid's
-    tokens (`pair_vit.pair.hybrid.match_channels`), "none" does not; backbone_kwargs: extra timm arguments
+    tokens (`pair_vit.pair.hybrid.match_channels`), "none" does not; localize: a hybrid that also reads each
+    query's region where the reference was found (`pair_vit.pair.localize.LocalizeSettings` as a dict; empty:
+    off); backbone_kwargs: extra timm arguments
     (depth, embed_dim, num_heads, drop_path_rate, ...); mean/std: input normalisation.
     """
     args = {"backbone": "vit_tiny_patch16_224", "input_size": [112, 224], "stem": "conv",
-            "stem_backbone": "resnet10t", "half_marker": True, "token_match": "none",
+            "stem_backbone": "resnet10t", "half_marker": True, "token_match": "none", "localize": {},
             "dynamic_size": False, "backbone_kwargs": {}, "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
     unknown = set(overrides) - set(args)
     if unknown:
@@ -172,6 +174,8 @@ def build_pair_model(model_args: dict[str, Any] | None = None, pretrained: str =
     if args["token_match"] != "none" and args["stem"] != "hybrid":
         raise ValueError(f"token_match={args['token_match']!r} needs the hybrid stem (tokens per image), "
                          f"not stem={args['stem']!r}")
+    if args["localize"] and args["stem"] != "hybrid":
+        raise ValueError(f"localize needs the hybrid stem (tokens per image), not stem={args['stem']!r}")
     return HybridPairViT(args, pretrained) if args["stem"] == "hybrid" else PairViT(args, pretrained)
 
 

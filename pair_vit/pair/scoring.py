@@ -34,6 +34,7 @@ from PIL import Image
 from pair_vit import data, precision
 from pair_vit.cache import ImageCache, run_chunks
 from pair_vit.pair.inputs import normalise_uint8
+from pair_vit.pair.localize import fine_size
 from pair_vit.pair.model import pair_logits
 
 log = logging.getLogger(__name__)
@@ -107,12 +108,15 @@ class TensorCache(ImageCache):
 # ----------------------------------------------------------------------------- scoring
 
 
-def _query_views(cache: TensorCache, query_id: str, views: list[str]) -> torch.Tensor | None:
-    """(V, 3, h, w) uint8 views of one query, or None if it cannot be read."""
+def _query_views(cache: TensorCache, query_id: str, views: list[str],
+                 fine: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """((V, 3, h, w) uint8 views of one query, its (3, sh, sw) uint8 whole image at size `fine` or None), or None
+    if it cannot be read."""
     image = cache.load(query_id)
     if image is None:
         return None
-    return torch.stack([to_uint8(view_image(image, v), cache.half_size) for v in views])
+    views_ = torch.stack([to_uint8(view_image(image, v), cache.half_size) for v in views])
+    return views_, (to_uint8(image, fine) if fine else None)
 
 
 class TokenCache:
@@ -174,30 +178,60 @@ def _view_logits(model, keep: pd.DataFrame, views: list[str], q_tensors: dict, r
     holds reference tokens and each query view goes through the trunk once)."""
     if hasattr(model, "forward_tokens"):
         queries = list(q_tensors)
-        tokens = trunk_tokens(model, torch.cat([q_tensors[q] for q in queries]), batch_size, amp)
+        tokens = trunk_tokens(model, torch.cat([q_tensors[q][0] for q in queries]), batch_size, amp)
         q_tokens = dict(zip(queries, tokens.view(len(queries), len(views), *tokens.shape[1:])))
         ref_side = torch.stack([refs[r] for r in keep.reference_id])
-        return np.stack([token_logits(model, ref_side, torch.stack([q_tokens[q][v] for q in keep.query_id]),
-                                      4 * batch_size, amp) for v in range(len(views))], axis=1)
+        logits = np.stack([token_logits(model, ref_side, torch.stack([q_tokens[q][v] for q in keep.query_id]),
+                                        4 * batch_size, amp) for v in range(len(views))], axis=1)
+        if getattr(model, "localize", None) is None:
+            return logits
+        full = logits[:, views.index("full")] if "full" in views else logits.max(axis=1)
+        return np.concatenate([logits, local_logits(model, keep, q_tensors, ref_side, full, batch_size, amp)[:, None]],
+                              axis=1)
     ref_side = torch.stack([refs[r] for r in keep.reference_id])
-    return np.stack([pair_logits(model, ref_side, torch.stack([q_tensors[q][v] for q in keep.query_id]),
+    return np.stack([pair_logits(model, ref_side, torch.stack([q_tensors[q][0][v] for q in keep.query_id]),
                                  batch_size, amp) for v in range(len(views))], axis=1)
+
+
+def local_logits(model, keep: pd.DataFrame, q_tensors: dict, ref_side: torch.Tensor, full: np.ndarray,
+                 batch_size: int, amp: bool) -> np.ndarray:
+    """(pairs,) logits of each pair's localized query region (`pair_vit.pair.localize`): each query's fine image
+    (q_tensors[q][1], uint8 at the localize scale) goes through the trunk once, each found box once more; a
+    pair whose box was not found keeps its whole-query logit `full` (pairs,)."""
+    device = next(model.parameters()).device
+    queries = list(q_tensors)
+    position = {q: i for i, q in enumerate(queries)}
+    fine = normalise_uint8(torch.stack([q_tensors[q][1] for q in queries]), model.model_args["mean"],
+                           model.model_args["std"])
+    fine_tokens = trunk_tokens(model, torch.stack([q_tensors[q][1] for q in queries]), batch_size, amp)
+    query_index = torch.tensor([position[q] for q in keep.query_id], dtype=torch.int64)
+    out = []
+    with torch.inference_mode(), precision.autocast(device, amp):
+        for start in range(0, len(keep), batch_size):
+            part = slice(start, start + batch_size)
+            logits, _ = model.forward_local(ref_side[part].to(device), fine.to(device), fine_tokens.to(device),
+                                            query_index[part].to(device), torch.from_numpy(full[part]).to(device))
+            out.append(logits[:, 1].float().cpu())
+    return torch.cat(out).numpy()
 
 
 def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: TensorCache,
                 ref_cache: TensorCache | TokenCache, batch_size: int = 64, amp: bool = True) -> pd.DataFrame:
     """Score the shortlist rows (query_id, reference_id, score) of a few queries against every view.
 
-    Returns the rows whose query and reference could be read, with logit_<view> per view and `logit` (their
-    max). Pairs are batched across queries, so small shortlists still fill large batches. `ref_cache` holds
+    Returns the rows whose query and reference could be read, with logit_<view> per view, logit_local for a
+    localizing model (the query's region where the reference was found: `pair_vit.pair.localize`) and `logit`
+    (their max). Pairs are batched across queries, so small shortlists still fill large batches. `ref_cache` holds
     reference images, or reference tokens for a hybrid model."""
-    q_tensors = {q: _query_views(query_cache, q, views) for q in rows.query_id.unique()}
+    settings = getattr(model, "localize", None)
+    fine = fine_size(query_cache.half_size, settings) if settings is not None else None
+    q_tensors = {q: _query_views(query_cache, q, views, fine) for q in rows.query_id.unique()}
     unique_refs = list(rows.reference_id.unique())
     refs = (ref_cache.get_many(unique_refs) if isinstance(ref_cache, TokenCache)
             else {r: ref_cache.get(r) for r in unique_refs})
     keep = rows[[q_tensors[q] is not None and refs[r] is not None
                  for q, r in zip(rows.query_id, rows.reference_id)]].reset_index(drop=True)
-    columns = [f"logit_{v}" for v in views]
+    columns = [f"logit_{v}" for v in views] + ["logit_local"] * (settings is not None)
     if keep.empty:
         return keep.assign(**{c: np.zeros(0, np.float32) for c in columns + ["logit"]})
     q_tensors = {q: q_tensors[q] for q in keep.query_id.unique()}
@@ -224,7 +258,8 @@ def score_shortlist(model, shortlist: pd.DataFrame, queries: Mapping[str, Path],
     if hasattr(model, "forward_tokens"):  # hybrid: keep reference tokens, not images
         r_cache = TokenCache(model, TensorCache(references, half, report, 0, load_side(half)), batch_size=batch_size,
                              amp=amp)
-    empty = shortlist.iloc[:0].assign(**{f"logit_{v}": [] for v in views}, logit=[])
+    local = ["local"] * (getattr(model, "localize", None) is not None)
+    empty = shortlist.iloc[:0].assign(**{f"logit_{v}": [] for v in [*views, *local]}, logit=[])
     rows, n_rows = run_chunks(shortlist, lambda part: score_chunk(model, part, views, q_cache, r_cache, batch_size,
                                                                   amp),
                               empty, cache_dir, chunk_queries, rank, world, units_per_row=len(views),

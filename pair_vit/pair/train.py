@@ -31,11 +31,12 @@ import torch
 import yaml
 from accelerate.utils import gather_object
 
-from pair_vit import data, demo_dir, training
+from pair_vit import data, demo_dir, precision, training
 from pair_vit.pair import data as pd_
 from pair_vit.config import opt, option_like, save_config, to_dict
 from pair_vit.pretrained import load_imagenet
 from pair_vit.pair.hybrid import TOKEN_MATCH
+from pair_vit.pair.localize import LocalizeSettings
 from pair_vit.pair.model import (KIND, STEMS, build_pair_model, default_model_args, init_stem_from, make_optimizer,
                                  pair_metrics, save_pair_model, score_pairs, stem_input_stats, trunk_of)
 
@@ -48,8 +49,8 @@ METRIC_COLUMNS = ("step", "loss", "lr", "intensity_cap", "steps_per_s", "pairs_p
 # Options a resumed run must share with its checkpoint (it also must see the same photos).
 RESUME_KEYS = tuple(dict.fromkeys(training.RESUME_KEYS + (
     "input_size", "stem", "stem_backbone", "stem_pretrained", "stem_from", "stem_lr_scale", "half_marker",
-    "token_match", "backbone_kwargs", "progressive_min_height",
-    "heldout_fraction", "descriptor_checkpoint", "groups_per_step", "random_fraction", "max_edits", "n_donors",
+    "token_match", "localize", "backbone_kwargs", "progressive_min_height",
+    "heldout_fraction", "descriptor_checkpoint", "groups_per_step", "random_fraction", "max_edits", "edit_weights", "n_donors",
     "load_side")))
 
 
@@ -67,6 +68,8 @@ class TrainPairsConfig(training.TrainConfig):
     groups_per_step: int = opt(8, "groups per optimisation step over all processes (G*G pairs each)")
     random_fraction: float = opt(0.25, "chance a group member is a random photo instead of a look-alike")
     max_edits: int = opt(3, "each group's edit chain has 1..max_edits edits")
+    edit_weights: list = opt([], "FAMILY=WEIGHT ...: draw these edit families more (or less) often than the others "
+                                 "(e.g. collage=3 screenshot=3: more partial copies for a localizing model)")
     n_donors: int = opt(3, "donor photos (from outside the group) offered to paste/collage edits")
     load_side: int = opt(0, "photos are decoded with their longest side at most this (0: max(256, 2 x height))")
     progressive_min_height: int = opt(0, "progressive resolution: half height at step 0 (0: off)")
@@ -84,6 +87,8 @@ class TrainPairsConfig(training.TrainConfig):
     token_match: str = opt("none", "hybrid stem: mnn adds nearest-neighbour correspondence channels to each token "
                                    "(similarity, margin, mutual flag, neighbour position); none does not",
                            choices=TOKEN_MATCH)
+    localize: bool = opt(False, "hybrid stem: also find where the reference sits in the query and read that region "
+                                "at full token resolution (pair_vit.pair.localize); trained on what inference reads")
     backbone_kwargs: dict = opt({}, "extra timm arguments as YAML, e.g. '{depth: 2, embed_dim: 64, num_heads: 2}'")
     # evaluation
     eval_every: int = opt(250, "score the held-out pairs every this many steps (0: only at the end)")
@@ -113,6 +118,7 @@ def model_args(cfg: TrainPairsConfig) -> dict[str, Any]:
     return default_model_args(backbone=cfg.backbone, input_size=cfg.input_size, stem=cfg.stem,
                               stem_backbone=cfg.stem_backbone, half_marker=cfg.half_marker,
                               token_match=cfg.token_match,
+                              localize=LocalizeSettings().to_args() if cfg.localize else {},
                               backbone_kwargs=cfg.backbone_kwargs, dynamic_size=cfg.progressive_min_height > 0,
                               **norm)
 
@@ -124,7 +130,8 @@ def init_weights(model, cfg: TrainPairsConfig) -> None:
     if cfg.stem_from:
         init_stem_from(model, cfg.stem_from)
     if cfg.init_from:
-        training.init_from(model, cfg.init_from, KIND, model.model_args, default_model_args())
+        # localizing changes what the model reads, not its weights: a whole-query model can start it
+        training.init_from(model, cfg.init_from, KIND, model.model_args, default_model_args(), ("localize",))
 
 
 def freeze_trunk(model) -> None:
@@ -134,9 +141,12 @@ def freeze_trunk(model) -> None:
     model.freeze_trunk()
 
 
-def group_settings(cfg: TrainPairsConfig, mean, std) -> pd_.GroupSettings:
-    """How the training groups are drawn, edited and sized (the curriculum laid out over max_steps)."""
-    return pd_.GroupSettings(
+def group_settings(cfg: TrainPairsConfig, mean, std, fine_scale: int = 0) -> pd_.GroupSettings:
+    """How the training groups are drawn, edited and sized (the curriculum laid out over max_steps); fine_scale:
+    a localizing model's queries are also read at that multiple of the half size."""
+    from pair_vit.edits import parse_weights
+
+    return pd_.GroupSettings(fine_scale=fine_scale, family_weights=parse_weights(cfg.edit_weights) or None,
         group_size=cfg.group_size, random_fraction=cfg.random_fraction, n_edits=(1, cfg.max_edits),
         n_donors=cfg.n_donors, load_side=cfg.load_side or max(256, 2 * cfg.input_size[0]),
         half_height=cfg.input_size[0],
@@ -210,10 +220,35 @@ class PairTrainer(training.Trainer):
         device = self.acc.device
         refs, queries = batch["refs"].to(device), batch["queries"].to(device)
         ri, qi, labels = pd_.pair_indices(batch["n_groups"], batch["group_size"])
+        labels = labels.to(device)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        if batch.get("queries_fine") is not None:  # localizing: the whole query and the found region, both trained
+            with self.autocast():
+                logits, found = self.model(refs, queries, ri.to(device), qi.to(device),
+                                           query_fine=batch["queries_fine"].to(device))
+            loss = bce(logits[:, 0].float(), labels)
+            if found.any():
+                loss = loss + bce(logits[found, 1].float(), labels[found])
+            return loss, {}, len(ri)
         with self.autocast():
             logits = self.model(refs, queries, ri.to(device), qi.to(device))  # (n*G*G,): each image read once
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.to(device))
+        loss = bce(logits.float(), labels)
         return loss, {}, len(ri)
+
+    def localized_logits(self, refs, queries, fine, n_groups: int, groups_per_pass: int = 4) -> torch.Tensor:
+        """(n_groups * G * G, 2) whole-query and region logits of the held-out groups, laid out as `pair_indices`."""
+        model, g, device = self.unwrapped(), self.cfg.group_size, self.acc.device
+        was_training, out = model.training, []
+        model.eval()
+        with torch.inference_mode(), precision.autocast(device, self.cfg.amp):
+            for start in range(0, n_groups, groups_per_pass):
+                part = slice(start * g, min(n_groups, start + groups_per_pass) * g)
+                ri, qi, _ = pd_.pair_indices(part.stop // g - start, g)
+                logits, _ = model(refs[part].to(device), queries[part].to(device), ri.to(device), qi.to(device),
+                                  query_fine=fine[part].to(device))
+                out.append(logits.float().cpu())
+        model.train(was_training)
+        return torch.cat(out)
 
     def log_fields(self, step: int) -> dict[str, Any]:
         return {"intensity_cap": round(self.settings.intensity_range(step)[1], 3)}
@@ -225,9 +260,12 @@ class PairTrainer(training.Trainer):
         """Score this process's held-out pairs, gather all processes' (same metrics everywhere), log them."""
         if self.eval_set is None:
             return
-        refs, queries, n_groups = self.eval_set
+        refs, queries, n_groups, fine = self.eval_set
         ri, qi, labels = pd_.pair_indices(n_groups, self.cfg.group_size)
-        probs = score_pairs(self.unwrapped(), refs[ri], queries[qi], self.cfg.eval_batch_size, self.cfg.amp)
+        if fine is None:
+            probs = score_pairs(self.unwrapped(), refs[ri], queries[qi], self.cfg.eval_batch_size, self.cfg.amp)
+        else:  # a localizing model is scored as inference keeps it: the higher of whole-query and region logits
+            probs = torch.sigmoid(self.localized_logits(refs, queries, fine, n_groups).max(1).values).numpy()
         both = self.acc.gather_for_metrics(torch.stack([torch.from_numpy(probs), labels], 1)).cpu().numpy()
         m = self.metrics = pair_metrics(both[:, 0], both[:, 1], self.cfg.group_size)
         if self.main:
@@ -272,7 +310,8 @@ def run(cfg: TrainPairsConfig) -> dict[str, Any]:
         freeze_trunk(model)
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps,
                                           cfg.min_lr_ratio, cfg.stem_lr_scale)
-    settings = group_settings(cfg, model.model_args["mean"], model.model_args["std"])
+    localize = LocalizeSettings.from_args(model.model_args["localize"])
+    settings = group_settings(cfg, model.model_args["mean"], model.model_args["std"], localize.scale if localize else 0)
     extra = {"manifest": manifest, "photos": len(train.ids), "heldout_photos": len(heldout.ids)}
     trainer = PairTrainer(cfg, accelerator, model, optimizer, scheduler, train, settings,
                           build_eval_set(heldout, cfg, settings, accelerator), extra, report)

@@ -119,13 +119,14 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
 
 
 def init_from(model: torch.nn.Module, path: str | os.PathLike, kind: str, model_args: Mapping[str, Any],
-              defaults: Mapping[str, Any] | None = None) -> None:
+              defaults: Mapping[str, Any] | None = None, same_weights: Sequence[str] = ()) -> None:
     """Fine-tuning: load the weights of checkpoint `path` (of `kind`) into `model`, refusing another
-    architecture (any difference in `model_args`, ignoring the `pretrained` initialisation) with its names.
+    architecture (any difference in `model_args`, ignoring the `pretrained` initialisation and the
+    `same_weights` arguments, which change how a model is used but not its weights) with its names.
     `defaults` fill the architecture arguments a checkpoint written before they existed does not record."""
     saved = load_checkpoint(path, kind=kind)
     saved_args = {**(defaults or {}), **saved["model_args"]}
-    keys = sorted((set(saved_args) | set(model_args)) - {"pretrained"})
+    keys = sorted((set(saved_args) | set(model_args)) - {"pretrained", *same_weights})
     diffs = [f"{k}: saved {saved_args.get(k)!r}, now {model_args.get(k)!r}" for k in keys
              if _as_tuples(saved_args.get(k)) != _as_tuples(model_args.get(k))]
     if diffs:
