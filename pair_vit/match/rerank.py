@@ -241,6 +241,8 @@ def pair_stage(procs: Processes, model, shortlist: pd.DataFrame, queries: dict[s
     """Pair-ViT logits for every shortlisted pair (cached chunk by chunk in the work folder)."""
     key = {"shortlist": cache.digest(shortlist.to_csv(index=False)),
            "model": ix.model_fingerprint(model), "views": expand_views(cfg.pair_views),
+           # what the model reads besides its weights: the same weights localizing or not score differently
+           "reads": {k: model.model_args.get(k) for k in ("input_size", "localize")},
            "chunk_queries": cfg.chunk_queries, "amp": cfg.amp}
     folder = cache.stage_dir(work_folder(cfg) / "pairs", key, procs)
     start = time.perf_counter()

@@ -39,9 +39,9 @@ def test_margin_and_minimum_side():
     grown = LocalizeSettings(min_matches=4, quantile=0.0, margin=0.5, min_side=0.1, max_area=0.9)
     boxes, _ = locate(ref, query, grown)  # side 0.25, grown by 0.5 x 0.25 + 0.125 on each side
     np.testing.assert_allclose(boxes.numpy(), [[0.125, 0.125, 0.875, 0.875]], atol=1e-6)
-    ref, query = planted([(0, 0), (0, 0), (0, 0), (0, 0)], grid=8)  # one token: only one mutual match
-    one = LocalizeSettings(min_matches=1, quantile=0.0, margin=0.0, min_side=0.5, max_area=0.7)
-    boxes, found = locate(ref, query, one)  # a 1/8 sliver in the corner grows to half the side, inside the image
+    ref, query = planted([(0, 0), (0, 1), (1, 0), (1, 1)], grid=8)  # the top-left corner of an 8 x 8 grid
+    small = LocalizeSettings(min_matches=4, quantile=0.0, margin=0.0, min_side=0.5, max_area=0.7)
+    boxes, found = locate(ref, query, small)  # a quarter-side box in the corner grows to half the side, inside
     np.testing.assert_allclose(boxes.numpy(), [[0.0, 0.0, 0.5, 0.5]], atol=1e-6)
     assert found.tolist() == [True]
 
@@ -128,10 +128,11 @@ def test_scoring_adds_the_local_logit(photos):
     rows = pd.DataFrame([(q, r, 0.5) for q in ("collage", "p3", "bad") for r in refs],
                         columns=["query_id", "reference_id", "score"])
     cache = scoring.TensorCache(photos, model.half_size, report)
-    out = scoring.score_chunk(model, rows, ["full"], cache, cache, batch_size=4, amp=False)
+    tokens = scoring.TokenCache(model, cache, amp=False)  # a hybrid keeps reference tokens, not images
+    out = scoring.score_chunk(model, rows, ["full"], cache, tokens, batch_size=4, amp=False)
     assert set(out.query_id) == {"collage", "p3"} and "bad" not in set(out.reference_id)
     assert {"logit_full", "logit_local", "logit"} <= set(out.columns)
     np.testing.assert_allclose(out.logit, np.maximum(out.logit_full, out.logit_local))
     assert (out.logit_local != out.logit_full).any()
-    batched = scoring.score_chunk(model, rows, ["full"], cache, cache, batch_size=1, amp=False)
+    batched = scoring.score_chunk(model, rows, ["full"], cache, tokens, batch_size=1, amp=False)
     np.testing.assert_allclose(batched.logit_local, out.logit_local, atol=1e-4)  # batching changes nothing

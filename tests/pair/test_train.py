@@ -166,3 +166,26 @@ def test_hybrid_with_a_frozen_imagenet_trunk_trains_and_resumes(photos, tmp_path
     unfrozen = train("--train-dir", photos, "--output-dir", tmp_path / "cnn", "--max-steps", 1, "--stem", "cnn",
                      "--stem-lr-scale", "0")
     assert unfrozen.returncode == 2 and "--stem hybrid" in unfrozen.stderr
+
+
+def test_localizing_hybrid_trains_from_a_whole_query_checkpoint(photos, tmp_path):
+    """--localize: every pair is also read at its localized query region (pair_vit.pair.localize); a model trained
+    without it can start such a run (same weights), the checkpoint records the settings, and resuming works."""
+    from pair_vit.pair.localize import LocalizeSettings
+    from pair_vit.pair.model import load_pair_model
+
+    hybrid = ["--stem", "hybrid", "--stem-backbone", "tf_efficientnet_lite0", "--stem-lr-scale", "0",
+              "--token-match", "mnn"]
+    whole = train("--train-dir", photos, "--output-dir", tmp_path / "whole", "--max-steps", 1, *hybrid)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "local"
+    local = ["--localize", "--edit-weights", "collage=3", "--init-from", tmp_path / "whole" / "pair_vit.pt"]
+    first = train("--train-dir", photos, "--output-dir", out, "--max-steps", 2, *hybrid, *local)
+    assert first.returncode == 0, first.stderr
+    again = train("--train-dir", photos, "--output-dir", out, "--max-steps", 3, "--resume", *hybrid, *local)
+    assert again.returncode == 0, again.stderr
+    model, meta = load_pair_model(out / "pair_vit.pt")
+    assert meta["step"] == 3 and model.localize == LocalizeSettings()
+    assert meta["config"]["edit_weights"] == ["collage=3"]
+    other = train("--train-dir", photos, "--output-dir", out, "--max-steps", 4, "--resume", *hybrid)
+    assert other.returncode != 0 and "localize" in other.stderr  # resuming without --localize is refused
