@@ -198,8 +198,9 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
     inliers = scored.inliers.to_numpy() if "inliers" in scored else None
     labels = evaluation.label_predictions(scored, gt)
     n_views = len([c for c in scored.columns if c.startswith("logit_")])
+    local = ["logit_local"] if "logit_local" in scored else []  # a localizing model: every view set reads it too
     for name, views in view_sets(list(cfg.pair_views)):
-        logit = scored[[f"logit_{v}" for v in views]].max(axis=1).to_numpy()
+        logit = scored[[f"logit_{v}" for v in views] + local].max(axis=1).to_numpy()
         sec = shortlist_sec + stats.get("pair_seconds", 0.0) * len(views) / max(n_views, 1)
         sub = scored[["query_id", "reference_id"]].assign(score=Calibration().apply(logit, scored.score))
         rows.append(("rerank", name, sub, sec))
