@@ -83,7 +83,8 @@ class Calibration:
 
     @property
     def fuses(self) -> bool:
-        return self.w_desc != 0.0 or self.w_margin != 0.0 or self.w_logit_margin != 0.0 or self.needs_inliers
+        return (self.w_desc != 0.0 or self.w_margin != 0.0 or self.w_logit_margin != 0.0
+                or self.needs_inliers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

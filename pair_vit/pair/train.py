@@ -50,8 +50,8 @@ METRIC_COLUMNS = ("step", "loss", "lr", "intensity_cap", "steps_per_s", "pairs_p
 RESUME_KEYS = tuple(dict.fromkeys(training.RESUME_KEYS + (
     "input_size", "stem", "stem_backbone", "stem_pretrained", "stem_from", "stem_lr_scale", "half_marker",
     "token_match", "localize", "backbone_kwargs", "progressive_min_height",
-    "heldout_fraction", "descriptor_checkpoint", "groups_per_step", "random_fraction", "max_edits", "edit_weights", "n_donors",
-    "load_side")))
+    "heldout_fraction", "descriptor_checkpoint", "groups_per_step", "random_fraction", "max_edits", "edit_weights",
+    "n_donors", "load_side")))
 
 
 @dataclass
@@ -146,8 +146,9 @@ def group_settings(cfg: TrainPairsConfig, mean, std, fine_scale: int = 0) -> pd_
     a localizing model's queries are also read at that multiple of the half size."""
     from pair_vit.edits import parse_weights
 
-    return pd_.GroupSettings(fine_scale=fine_scale, family_weights=parse_weights(cfg.edit_weights) or None,
-        group_size=cfg.group_size, random_fraction=cfg.random_fraction, n_edits=(1, cfg.max_edits),
+    return pd_.GroupSettings(
+        fine_scale=fine_scale, family_weights=parse_weights(cfg.edit_weights) or None, group_size=cfg.group_size,
+        random_fraction=cfg.random_fraction, n_edits=(1, cfg.max_edits),
         n_donors=cfg.n_donors, load_side=cfg.load_side or max(256, 2 * cfg.input_size[0]),
         half_height=cfg.input_size[0],
         intensity_start=cfg.intensity_start, intensity_end=cfg.intensity_end,
@@ -156,7 +157,8 @@ def group_settings(cfg: TrainPairsConfig, mean, std, fine_scale: int = 0) -> pd_
 
 
 def build_eval_set(heldout: pd_.Photos, cfg: TrainPairsConfig, settings: pd_.GroupSettings, accelerator):
-    """This process's held-out groups (refs, queries, n_groups), the same at every evaluation; None if too few."""
+    """This process's held-out groups (refs, queries, n_groups, queries_fine or None), the same at every
+    evaluation; None if too few."""
     if len(heldout.ids) < cfg.group_size or cfg.eval_groups < 1:
         if accelerator.is_main_process:
             log.warning("held-out evaluation off: %d held-out photos, need >= %d", len(heldout.ids), cfg.group_size)
