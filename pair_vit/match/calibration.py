@@ -104,7 +104,8 @@ class Calibration:
             raise ValueError(f"calibration file {path}: {err}") from None
 
 
-FEATURES = ("w_logit", "w_desc", "w_margin", "w_inliers", "w_inlier_margin", "w_logit_margin")  # Calibration weight of each
+# Calibration weight of each feature
+FEATURES = ("w_logit", "w_desc", "w_margin", "w_inliers", "w_inlier_margin", "w_logit_margin")
 
 
 def features(names, logit, similarity, query_ids=None, inliers=None) -> dict[str, np.ndarray]:
