@@ -51,7 +51,7 @@ class TxBenchConfig:
     calibrate_views: str = opt("full", "views whose fit --write-calibration stores (the signal type's default)")
     k: int = opt(10, "top-k signals per query scored for uAP and recall@1")
     rotations: bool = opt(True, "measure rotated/flipped copies and the CLI's --rotations path")
-    sizes: list = opt([10000, 100000], "index sizes (signals) for query time and memory")
+    sizes: list = opt([10000, 100000], "index sizes (signals) for query time and memory (0: skip)")
     n_timed: int = opt(200, "queries timed per index size (median)")
     threads: int = opt(1, "torch and faiss threads (the machine is shared)")
     seed: int = opt(0, "seed of the rotations and the random signals")
@@ -151,7 +151,8 @@ def measure_pdq(cfg: TxBenchConfig, layout: data.DiscLayout) -> dict:
     refs, ref_rate = hash_images(PdqSignal, layout.reference_images())
     queries, query_rate = hash_images(PdqSignal, layout.query_images())
     index = PdqSignal.get_index_cls().build((s, i) for i, s in refs.items())
-    ranked = query_rows(PDQIndex2(((s, i) for i, s in refs.items()), threshold=PDQ_OPEN_THRESHOLD), queries, "query")
+    open_index = PDQIndex2(entries=((s, i) for i, s in refs.items()), threshold=PDQ_OPEN_THRESHOLD)
+    ranked = query_rows(open_index, queries, "query")
     top = ranked.sort_values(["query_id", "distance"]).groupby("query_id").head(cfg.k)
     return {"signal": "pdq", "views": "-", "refs": refs, "queries": queries,
             "hash_images_per_s": {"references": ref_rate, "queries": query_rate},
@@ -255,7 +256,7 @@ def measure_scaling(cfg: TxBenchConfig, pv: dict, pdq: dict) -> list[dict]:
     from pair_vit.tx import PairVitSignal, hasher
 
     rng, rows = np.random.default_rng(cfg.seed), []
-    for size in cfg.sizes:
+    for size in [s for s in cfg.sizes if s > 0]:
         with hasher.use(pv["settings"]):
             fill = random_pair_vit_signals(max(0, size - len(pv["refs"])), pv["settings"], rng)
             rows.append({"signal": "pair_vit", "views": pv["views"], **time_index(

@@ -54,7 +54,8 @@ class TxCalibration:
     def probability(self, distance: float | np.ndarray) -> np.ndarray:
         """Distance(s) -> calibrated probability of a copy (float64, same shape)."""
         similarity = 1.0 - np.asarray(distance, np.float64)
-        return Calibration.from_dict(self.calibration).apply(similarity, similarity)
+        flat = similarity.reshape(-1)
+        return Calibration.from_dict(self.calibration).apply(flat, flat).reshape(similarity.shape)
 
     @classmethod
     def read(cls, path: str | Path = CALIBRATION_FILE) -> "TxCalibration":

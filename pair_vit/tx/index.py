@@ -149,11 +149,18 @@ class PairVitIndex(SignalTypeIndex[IndexT]):
         """Signal id -> merged similarity, for signals with merged similarity >= min_similarity."""
         if not len(self):
             return {}
-        # faiss returns inner products > radius; penalties only lower them, so filter after merging.
-        limits, sims, rows = self._faiss.range_search(np.ascontiguousarray(vectors), min_similarity - 1e-6)
+        # k-NN search with a growing k until every view's k-th neighbour is below the cut: exact, and far
+        # faster than faiss's range_search on a scalar-quantised index (measured: docs/threatexchange.md).
+        vectors = np.ascontiguousarray(vectors)
+        rows = min(self._faiss.ntotal, 32)
+        while True:
+            sims, ids = self._faiss.search(vectors, rows)
+            if rows == self._faiss.ntotal or sims[:, -1].max() < min_similarity:
+                break
+            rows = min(self._faiss.ntotal, rows * 4)
+        # penalties only lower similarities, so they are applied after the search, then the cut again
         q_pen = view_penalties(len(vectors), hasher.settings().query_penalty)
-        q_of = np.repeat(np.arange(len(vectors)), np.diff(limits.astype(np.int64)))
-        best = self._merge((sims - q_pen[q_of])[None, :], rows[None, :].astype(np.int64))
+        best = self._merge(sims - q_pen[:, None], ids)
         return {sid: s for sid, s in best.items() if s >= min_similarity}
 
     def _merge(self, sims: np.ndarray, rows: np.ndarray) -> t.Dict[int, float]:
