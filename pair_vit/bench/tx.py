@@ -47,7 +47,7 @@ class TxBenchConfig:
     """Measure the pair-vit ThreatExchange signal type against PDQ through threatexchange's own interfaces."""
 
     benchmark: str = opt("benchmarks/dev", "benchmark folder (scripts/make_benchmark.py)")
-    views: list = opt(["full", "halves"], "views packed per signal, one set of figures each")
+    views: list = opt(["full"], "views packed per signal, one set of figures each (full, halves, regions)")
     calibrate_views: str = opt("full", "views whose fit --write-calibration stores (the signal type's default)")
     k: int = opt(10, "top-k signals per query scored for uAP and recall@1")
     rotations: bool = opt(True, "measure rotated/flipped copies and the CLI's --rotations path")

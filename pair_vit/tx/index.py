@@ -14,11 +14,13 @@ signal it is the plain cosine.
 
 Storage: faiss `IndexScalarQuantizer` in float16 with inner product, i.e. exactly the float16 values the signal
 carries (exact search, no training, no loss beyond the signal's own). Per distinct signal it holds V x D x 2
-bytes of codes plus 12 bytes of row bookkeeping per view; `memory_bytes()` measures it. Identical signals are
-stored once, their metadata listed together (as threatexchange's PDQ index does).
+bytes of codes plus 12 bytes of row bookkeeping per view (`memory_bytes()`), and in Python a 16-byte digest of
+the signal (deduplication) and its metadata list. Identical signals are stored once, their metadata listed
+together (as threatexchange's PDQ index does).
 """
 from __future__ import annotations
 
+import hashlib
 import typing as t
 import weakref
 
@@ -29,7 +31,7 @@ from threatexchange.signal_type.index import T as IndexT
 
 from pair_vit.tx import hasher
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class PairVitDistance(SignalSimilarityInfoWithSingleDistance[float]):
@@ -63,6 +65,12 @@ def _new_faiss(dim: int):
     return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
 
 
+def _key(signal: str) -> bytes:
+    """16-byte digest of a signal: identical signals share one row set, and the index does not keep the ~0.7-3.8 KB
+    signal strings in memory (nor in its pickle)."""
+    return hashlib.blake2b(signal.strip().encode("ascii", "replace"), digest_size=16).digest()
+
+
 def _reset(faiss_index) -> None:
     faiss_index.reset()
 
@@ -86,7 +94,7 @@ class PairVitIndex(SignalTypeIndex[IndexT]):
         self._faiss = faiss_index
         self._row_signal = np.zeros(0, np.int64) if row_signal is None else row_signal  # faiss row -> signal
         self._row_penalty = np.zeros(0, np.float32) if row_penalty is None else row_penalty
-        self._deduper: t.Dict[str, int] = {} if deduper is None else deduper  # signal string -> signal id
+        self._deduper: t.Dict[bytes, int] = {} if deduper is None else deduper  # _key(signal) -> signal id
         self._entries: t.List[t.List[IndexT]] = [] if entries is None else entries  # signal id -> metadata
         self._max_views = int(np.bincount(self._row_signal).max()) if len(self._row_signal) else 1
         # faiss memory is native: free it when the index is garbage-collected, not at interpreter exit
@@ -105,10 +113,9 @@ class PairVitIndex(SignalTypeIndex[IndexT]):
         """Add (signal, metadata) pairs; an invalid signal raises codec.SignalError before anything is added."""
         cfg = hasher.settings()
         new_vectors, new_owner = [], []
-        pending: t.List[t.Tuple[str, IndexT]] = list(entries)
-        decoded = {s.strip(): hasher.decode(s) for s, _ in pending if s.strip() not in self._deduper}
-        for signal, entry in pending:
-            key = signal.strip()
+        pending = [(_key(signal), signal, entry) for signal, entry in entries]
+        decoded = {key: hasher.decode(signal) for key, signal, _ in pending if key not in self._deduper}
+        for key, _, entry in pending:
             if key not in self._deduper:
                 self._deduper[key] = len(self._entries)
                 self._entries.append([])
@@ -180,8 +187,8 @@ class PairVitIndex(SignalTypeIndex[IndexT]):
     # ------------------------------------------------------------------ size, pickling
 
     def memory_bytes(self) -> int:
-        """Bytes held for the vectors and row bookkeeping (faiss codes + row -> signal, penalty); the signal
-        strings and metadata kept for deduplication come on top."""
+        """Bytes held for the vectors and row bookkeeping (faiss codes + row -> signal, penalty); the Python
+        objects (signal digests, metadata lists) come on top."""
         code = self._faiss.sa_code_size() * self._faiss.ntotal
         return int(code + self._row_signal.nbytes + self._row_penalty.nbytes)
 
