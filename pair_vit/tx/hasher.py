@@ -94,6 +94,14 @@ def hash_bytes(content: bytes, name: str = "<bytes>") -> str:
 
 
 def decode(signal: str) -> np.ndarray:
-    """Signal string -> (V, D) float32 vectors; codec.SignalError if malformed, truncated or of other weights."""
+    """Signal string -> (V, D) float32 vectors; codec.SignalError if malformed, truncated, of other weights or
+    of another views setting (their similarities would not mean what the calibration says)."""
+    from pair_vit.descriptor.views import VIEW_BOXES, n_views
+
     cfg = settings()
-    return codec.decode(signal, cfg.fingerprint, cfg.dim)
+    vectors = codec.decode(signal, cfg.fingerprint, cfg.dim)
+    fewest = len(VIEW_BOXES.get(cfg.views, VIEW_BOXES["halves"]))  # "regions": the halves + 0..6 proposals
+    if not fewest <= len(vectors) <= n_views(cfg.views):
+        raise codec.SignalError(f"pair-vit signal of {len(vectors)} views, but this signal type packs the "
+                                f"{cfg.views!r} views ({fewest}..{n_views(cfg.views)}): re-hash with these settings")
+    return vectors

@@ -1,6 +1,7 @@
 """PairVitIndex (pair_vit/tx/index.py): threshold / top-k queries, views, pickling as HMA does, other weights."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 
@@ -49,17 +50,20 @@ def test_threshold_and_top_k_queries(settings):
 
 
 def test_views_are_merged_with_their_penalties(settings):
-    two = signals(2, views=5, seed=3)
-    index = PairVitIndex.build([(two[0], "a"), (two[1], "b")])
-    q = codec.decode(two[0], settings.fingerprint, 256)
-    # a query that shows only the reference's left half: its whole image equals the reference's view 1
-    query = codec.encode(np.stack([q[1], *codec.decode(signals(1, 4, seed=9)[0], settings.fingerprint, 256)]),
-                         settings.fingerprint)
-    expected = 1.0 - merged_similarity(q, codec.decode(query, settings.fingerprint, 256))
-    assert expected == pytest.approx(0.1, abs=2e-3)  # the reference sub-view penalty
-    top = index.query_top_k(query, 1)
-    assert top[0].metadata == "a" and top[0].similarity_info.distance == pytest.approx(expected, abs=1e-4)
-    assert index.memory_bytes() == 2 * 5 * (512 + 12)
+    with hasher.use(dataclasses.replace(settings, views="halves")):
+        two = signals(2, views=5, seed=3)
+        index = PairVitIndex.build([(two[0], "a"), (two[1], "b")])
+        q = codec.decode(two[0], settings.fingerprint, 256)
+        # a query that shows only the reference's left half: its whole image equals the reference's view 1
+        extra = codec.decode(signals(1, 4, seed=9)[0], settings.fingerprint, 256)
+        query = codec.encode(np.stack([q[1], *extra]), settings.fingerprint)
+        expected = 1.0 - merged_similarity(q, codec.decode(query, settings.fingerprint, 256))
+        assert expected == pytest.approx(0.1, abs=2e-3)  # the reference sub-view penalty
+        top = index.query_top_k(query, 1)
+        assert top[0].metadata == "a" and top[0].similarity_info.distance == pytest.approx(expected, abs=1e-4)
+        assert index.memory_bytes() == 2 * 5 * (512 + 12)
+    with pytest.raises(codec.SignalError, match="signal of 5 views, but this signal type packs the 'full' views"):
+        index.query(query)
 
 
 def test_pickled_index_gives_the_same_answers(settings):
