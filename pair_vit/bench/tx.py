@@ -86,9 +86,11 @@ def best_per_pair(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def scores(rows: pd.DataFrame, gt: pd.DataFrame, scale: float = 1.0) -> dict:
-    """uAP, recall@1 and recall@P90 of ranked rows (score = 1 - distance / scale: higher = more likely a copy)."""
+    """uAP, recall@1, recall@P90 and the distance of that cut (in-sample) of ranked rows (score = 1 - distance /
+    scale: higher = more likely a copy)."""
     m = metrics.evaluate(rows.assign(score=1.0 - rows.distance / scale)[["query_id", "reference_id", "score"]], gt)
-    return {"uap": m.uap, "recall_at_1": m.recall_at_1, "recall_at_p90": m.recall_at_p90}
+    cut = None if m.threshold_at_p90 is None else (1.0 - m.threshold_at_p90) * scale
+    return {"uap": m.uap, "recall_at_1": m.recall_at_1, "recall_at_p90": m.recall_at_p90, "distance_at_p90": cut}
 
 
 def at_threshold(rows: pd.DataFrame, gt: pd.DataFrame) -> dict:
@@ -153,7 +155,7 @@ def measure_pdq(cfg: TxBenchConfig, layout: data.DiscLayout) -> dict:
     index = PdqSignal.get_index_cls().build((s, i) for i, s in refs.items())
     open_index = PDQIndex2(entries=((s, i) for i, s in refs.items()), threshold=PDQ_OPEN_THRESHOLD)
     ranked = query_rows(open_index, queries, "query")
-    top = ranked.sort_values(["query_id", "distance"]).groupby("query_id").head(cfg.k)
+    top = nearest(ranked, cfg.k)
     return {"signal": "pdq", "views": "-", "refs": refs, "queries": queries,
             "hash_images_per_s": {"references": ref_rate, "queries": query_rate},
             "unhashed": len(layout.reference_images()) + len(layout.query_images()) - len(refs) - len(queries),
@@ -180,9 +182,9 @@ def make_rotated(layout: data.DiscLayout, out: Path, seed: int) -> data.DiscLayo
     return data.DiscLayout.from_root(out)
 
 
-def rotation_rows(signal_type, index, images: dict[str, Path], how: str, k: int = 0) -> tuple[pd.DataFrame, float]:
+def rotation_rows(signal_type, index, images: dict[str, Path], how: str, k: int) -> tuple[pd.DataFrame, float]:
     """The CLI's `match --rotations` path: the 8 rotations of each query hashed and queried, the best distance
-    per (query, reference) kept. Returns the rows and the seconds per query."""
+    per (query, reference) kept, then the query's `k` nearest. Returns the rows and the seconds per query."""
     from threatexchange.content_type.photo import PhotoContent
 
     rows, start = [], time.perf_counter()
@@ -193,25 +195,47 @@ def rotation_rows(signal_type, index, images: dict[str, Path], how: str, k: int 
                 rows.append(query_rows(index, {image_id: signal}, how, k))
     seconds = (time.perf_counter() - start) / max(len(images), 1)
     empty = pd.DataFrame(columns=["query_id", "reference_id", "distance"])
-    return best_per_pair(pd.concat(rows) if rows else empty), seconds
+    return nearest(best_per_pair(pd.concat(rows) if rows else empty), k), seconds
+
+
+def nearest(rows: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The `k` smallest distances of each query."""
+    return rows.sort_values(["query_id", "distance"], kind="stable").groupby("query_id").head(k)
+
+
+def summary(rows: pd.DataFrame, gt: pd.DataFrame, threshold: float, scale: float) -> dict:
+    """Ranked rows -> the matches at `threshold`, uAP, recall@P90 and the distance of that P90 cut (in-sample)."""
+    return {**at_threshold(rows[rows.distance <= threshold], gt), **scores(rows, gt, scale)}
 
 
 def measure_rotations(cfg: TxBenchConfig, layout: data.DiscLayout, rotated: data.DiscLayout, signal_type,
-                      refs: dict[str, str], settings=None) -> dict:
-    """Plain vs --rotations matching of rotated copies, and --rotations on the unrotated queries."""
-    import contextlib
-
-    from pair_vit.tx import hasher
-
+                      ranking, how: str, threshold: float, scale: float = 1.0) -> dict:
+    """Plain vs --rotations matching of rotated copies, and --rotations on the unrotated queries, each ranked by
+    `ranking` (an index answering `how` with every candidate: top k, or an open threshold)."""
     gt = layout.load_ground_truth()
-    with hasher.use(settings) if settings is not None else contextlib.nullcontext():
-        threshold_index = signal_type.get_index_cls().build((s, i) for i, s in refs.items())
-        plain, plain_rate = hash_images(signal_type, rotated.query_images())
-        out = {"plain": {**at_threshold(query_rows(threshold_index, plain, "query"), gt),
-                         "seconds_per_query": 1.0 / plain_rate}}
-        for name, bench in (("rotations", rotated), ("rotations_on_unrotated", layout)):
-            rows, seconds = rotation_rows(signal_type, threshold_index, bench.query_images(), "query")
-            out[name] = {**at_threshold(rows, gt), "seconds_per_query": seconds}
+    plain, plain_rate = hash_images(signal_type, rotated.query_images())
+    out = {"plain": {**summary(nearest(query_rows(ranking, plain, how, cfg.k), cfg.k), gt, threshold, scale),
+                     "seconds_per_query": 1.0 / plain_rate}}
+    for name, bench in (("rotations", rotated), ("rotations_on_unrotated", layout)):
+        rows, seconds = rotation_rows(signal_type, ranking, bench.query_images(), how, cfg.k)
+        out[name] = {**summary(rows, gt, threshold, scale), "seconds_per_query": seconds}
+    return out
+
+
+def rotation_figures(cfg: TxBenchConfig, layout: data.DiscLayout, pv: dict, pdq: dict) -> dict:
+    from threatexchange.signal_type.pdq.pdq_index2 import PDQIndex2
+    from threatexchange.signal_type.pdq.signal import PdqSignal
+
+    from pair_vit.tx import PairVitSignal, hasher
+
+    rotated = make_rotated(layout, Path(f"{cfg.benchmark.rstrip('/')}-rot"), cfg.seed)
+    with hasher.use(pv["settings"]):
+        ranking = PairVitSignal.get_index_cls().build((s, i) for i, s in pv["refs"].items())
+        out = {"pair_vit": measure_rotations(cfg, layout, rotated, PairVitSignal, ranking, "top_k",
+                                             pv["settings"].distance_threshold)}
+    ranking = PDQIndex2(entries=((s, i) for i, s in pdq["refs"].items()), threshold=PDQ_OPEN_THRESHOLD)
+    out["pdq"] = measure_rotations(cfg, layout, rotated, PdqSignal, ranking, "query", pdq["threshold"],
+                                   PDQ_OPEN_THRESHOLD)
     return out
 
 
@@ -297,10 +321,7 @@ def run(cfg: TxBenchConfig) -> dict:
     results = {"command": " ".join(["python", *sys.argv]), "cpu": cpu_line(),
                "matching": [public(r) for r in (pdq, *candidates.values())]}
     if cfg.rotations:
-        rotated = make_rotated(layout, Path(f"{cfg.benchmark.rstrip('/')}-rot"), cfg.seed)
-        results["rotations"] = {
-            "pair_vit": measure_rotations(cfg, layout, rotated, PairVitSignal, chosen["refs"], chosen["settings"]),
-            "pdq": measure_rotations(cfg, layout, rotated, _pdq(), pdq["refs"])}
+        results["rotations"] = rotation_figures(cfg, layout, chosen, pdq)
     results["scaling"] = measure_scaling(cfg, chosen, pdq)
     if cfg.write_calibration:
         settings = chosen["settings"]
@@ -313,12 +334,6 @@ def run(cfg: TxBenchConfig) -> dict:
     write_text_atomic(out / "results.md", report(results))
     print(report(results))
     return results
-
-
-def _pdq():
-    from threatexchange.signal_type.pdq.signal import PdqSignal
-
-    return PdqSignal
 
 
 def public(r: dict) -> dict:
