@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 import re
@@ -241,7 +242,23 @@ def load_image(
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
     path = Path(path)
-    im = _read(path, max_pixels, max_side)
+    return _upright_rgb(_read(path, max_pixels, max_side), path, max_side)
+
+
+def load_image_bytes(
+    content: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> Image.Image:
+    """`load_image` for an image held in memory (e.g. an upload); `name` only labels the ImageLoadError."""
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    path = Path(name)
+    if not content:
+        raise ImageLoadError(path, "empty file")
+    im = _decode(_open_checked(io.BytesIO(content), path, max_pixels), path, max_side)
+    return _upright_rgb(im, path, max_side)
+
+
+def _upright_rgb(im: Image.Image, path: Path, max_side: int | None) -> Image.Image:
     try:
         rgb = _to_rgb(_exif_upright(im))
     except (ValueError, OSError) as e:  # e.g. a colour mode Pillow cannot convert to RGB

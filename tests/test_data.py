@@ -21,6 +21,7 @@ from pair_vit.data import (
     SkipReport,
     list_images,
     load_image,
+    load_image_bytes,
     load_images,
     read_ground_truth,
     split_images,
@@ -50,6 +51,19 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
         b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"") + _png_chunk(b"IEND", b"")
     )
     return path
+
+
+def test_load_image_bytes_decodes_as_load_image_does(tmp_path):
+    path = save(tmp_path / "a.png", Image.fromarray(noise(40, 30)).convert("RGBA"))
+    from_bytes = load_image_bytes(path.read_bytes(), "upload.png", max_side=20)
+    assert np.array_equal(np.asarray(from_bytes), np.asarray(load_image(path, max_side=20)))
+    for content, reason in [(b"", "empty file"), (b"nope", "not an image"), (path.read_bytes()[:60], "truncated")]:
+        with pytest.raises(ImageLoadError, match=reason) as err:
+            load_image_bytes(content, "upload.png")
+        assert err.value.path == Path("upload.png")
+    header = png_header_only(tmp_path / "big.png", 20000, 20000).read_bytes()
+    with pytest.raises(ImageLoadError, match="image too large"):
+        load_image_bytes(header, max_pixels=1000)
 
 
 # ----------------------------------------------------------------------------- modes
