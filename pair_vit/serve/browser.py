@@ -11,6 +11,7 @@ commands on the browser's fd 3 and writes answers and events on fd 4, each messa
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
+# Debian's /usr/bin/chromium is a shell launcher whose sourced settings may reuse fds 3 and 4; run the browser
+# itself, which it would exec.
+DEBIAN_BINARY = "/usr/lib/chromium/chromium"
 
 
 class BrowserError(RuntimeError):
@@ -32,7 +36,7 @@ class Chromium:
     """A headless Chromium process, closed (and its profile deleted) on exit of the `with` block."""
 
     def __init__(self, binary: str = CHROMIUM):
-        self.binary = binary
+        self.binary = DEBIAN_BINARY if binary == CHROMIUM and os.path.exists(DEBIAN_BINARY) else binary
         self._ids = 0
         self._buffer = b""
 
@@ -42,14 +46,17 @@ class Chromium:
         self._in, from_browser = os.pipe()  # the browser writes on fd 4, we read
 
         def pipes_on_3_and_4() -> None:
-            os.dup2(to_browser, 3)
-            os.dup2(from_browser, 4)
+            # In the child. Copies above 3 and 4 first: a pipe end may itself be fd 3 or 4 (dup2 onto itself
+            # would keep it close-on-exec, onto the other would clobber it); dup2's copies survive exec.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser, from_browser)]
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
 
         self.process = subprocess.Popen(
             [self.binary, "--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
              "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--hide-scrollbars",
              f"--user-data-dir={self.profile}", "about:blank"],
-            pass_fds=(to_browser, from_browser), preexec_fn=pipes_on_3_and_4,
+            close_fds=False, preexec_fn=pipes_on_3_and_4,  # close_fds would close 3 and 4 after preexec_fn
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_browser)
         os.close(from_browser)

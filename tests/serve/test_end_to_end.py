@@ -3,6 +3,8 @@ an edited copy found first and flagged, a photo not in the collection not flagge
 acknowledged, a clean stop."""
 from __future__ import annotations
 
+import signal
+
 import httpx
 
 from pair_vit.serve.process import ServerProcess
@@ -35,4 +37,5 @@ def test_build_match_kill_restart(tmp_path, photos, cat_bytes):
     with ServerProcess(collection, args) as again:
         listed = httpx.get(again.url + "/references", timeout=60).json()
         assert sorted(listed["ids"]) == sorted(p.stem for p in photos[1:6])
-        assert again.stop() == 0  # SIGTERM: uvicorn shuts down cleanly
+        # SIGTERM: uvicorn finishes and exits by re-raising the signal (-15), in time (no SIGKILL: -9)
+        assert again.stop() in (0, -signal.SIGTERM)

@@ -89,3 +89,16 @@ def test_an_addition_holds_the_lock_alone_through_its_save(collection, photos, m
     with pytest.raises(Exception, match="no reference 'nope'"):
         served.remove("nope")
     assert can_take(collection / LOCK_FILE, fcntl.LOCK_EX)  # released after a refusal too
+
+
+def test_another_workers_save_is_reloaded_before_the_next_request(collection, photos):
+    """Two Collections over one folder stand for two `--workers` processes: what one saves, the other serves."""
+    from pair_vit.serve import uploads
+    from pair_vit.serve.service import Collection
+
+    first, second = Collection(collection, {"num_workers": 0}), Collection(collection, {"num_workers": 0})
+    upload = uploads.checked([("china", photos[6].read_bytes())], 10 ** 8, collection.parent)[0]
+    first.add([upload])
+    assert "china" in second.ids(0, 100)["ids"] and second.detector is not None
+    second.remove("chelsea")
+    assert first.ids(0, 100)["total"] == 6 and "chelsea" not in first.ids(0, 100)["ids"]
