@@ -7,6 +7,8 @@ What it measures, on the CPU it runs on (recorded with the load average, which s
     k=5, one request at a time: median and p95 latency over `n_queries`, and how often the source came first;
   - throughput with `clients` concurrent clients, each sending one query per request: queries per second and
     the median latency they saw;
+  - batching: seconds per query when `clients` queries come in one request (one `CopyDetector.match` call)
+    against one request each, the same queries;
   - server memory: resident (VmRSS) and peak (VmHWM) of the server process after the runs;
   - store bytes per reference: the saved reference store and faiss index on disk, divided by the references.
 
@@ -16,6 +18,7 @@ none, from real photos (`bench.library.real_photos`) filled up with mirrored and
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +103,25 @@ def throughput(url: str, queries: list[Path], clients: int, total: int, k: int) 
             "median_latency_s": statistics.median(seen)}
 
 
+def batching(url: str, queries: list[Path], size: int, k: int) -> dict[str, float]:
+    """Seconds per query when `size` queries come in one request (one `CopyDetector.match` call) against one
+    request each: whether batching concurrent requests together would pay."""
+    import httpx
+
+    groups = [queries[i:i + size] for i in range(0, len(queries) - size + 1, size)]
+    with httpx.Client(base_url=url, timeout=600) as http:
+        start = time.perf_counter()
+        for group in groups:
+            files = [("image", (p.name, p.read_bytes())) for p in group]
+            http.post("/match", data={"k": str(k)}, files=files).raise_for_status()
+        batched = (time.perf_counter() - start) / (len(groups) * size)
+        start = time.perf_counter()
+        for path in [p for group in groups for p in group]:
+            post_match(http, path, k)
+        single = (time.perf_counter() - start) / (len(groups) * size)
+    return {"batch": size, "batched_s_per_query": batched, "single_s_per_query": single}
+
+
 def server_memory(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak) of process `pid`, in bytes (Linux /proc)."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -131,8 +153,9 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
         results = {"references": len(photos), "build_s": built_s, "machine": machine(),
                    "latency": latency(server.url, queries, truth, cfg.k),
                    "throughput": throughput(server.url, queries, cfg.clients, cfg.throughput_queries, cfg.k),
+                   "batching": batching(server.url, queries, cfg.clients, cfg.k),
                    "server_memory": server_memory(server.process.pid), **store_bytes(folder, len(photos))}
-    results["machine"]["load_average_after"] = list(__import__("os").getloadavg())
+    results["machine"]["load_average_after"] = list(os.getloadavg())
     write_text_atomic(out / "results.json", json.dumps(results, indent=1))
     write_text_atomic(out / "results.md", report(results))
     print(report(results))
@@ -144,13 +167,16 @@ def report(r: dict[str, Any]) -> str:
     lat, tp, mem = r["latency"], r["throughput"], r["server_memory"]
     return "\n".join([
         f"pair-vit serve, {r['references']} references; {r['machine']['cpu']} ({r['machine']['cores']} cores, "
-        f"native bf16: {r['machine']['native_bf16']}), load average before {r['machine']['load_average']}",
+        f"native bf16: {r['machine']['native_bf16']}), load average before {r['machine']['load_average']}, "
+        f"after {r['machine']['load_average_after']}",
         "", "| figure | value |", "|---|---|",
         f"| one query over HTTP, median | {lat['median_s']:.3f} s |",
         f"| one query over HTTP, p95 | {lat['p95_s']:.3f} s |",
         f"| source ranked first | {lat['source_first']:.2f} of {lat['n']} edited copies |",
         f"| throughput, {tp['clients']} concurrent clients | {tp['queries_per_s']:.2f} queries/s "
         f"(median latency {tp['median_latency_s']:.3f} s) |",
+        f"| {r['batching']['batch']} queries in one request / one request each | "
+        f"{r['batching']['batched_s_per_query']:.3f} / {r['batching']['single_s_per_query']:.3f} s per query |",
         f"| server memory, resident / peak | {mem['rss'] / mib:.0f} / {mem['peak_rss'] / mib:.0f} MiB |",
         f"| store bytes per reference (SQLite) | {r['store_bytes_per_reference'] / 1024:.1f} KB |",
         f"| faiss index bytes per reference | {r['index_bytes_per_reference'] / 1024:.1f} KB |", ""])
