@@ -12,8 +12,8 @@ What it measures, on the CPU it runs on (recorded with the load average, which s
   - server memory: resident (VmRSS) and peak (VmHWM) of the server process after the runs;
   - store bytes per reference: the saved reference store and faiss index on disk, divided by the references.
 
-The collection is built in-process with `CopyDetector` (as bench_index.py builds it) when `out`/collection holds
-none, from real photos (`bench.library.real_photos`) filled up with mirrored and cropped variants.
+The collection is built in-process with `CopyDetector` (as bench_index.py builds it) in `out`/collection, or
+extended to `n_references` if one is there, from real photos (`bench.library.real_photos`) filled up with mirrored and cropped variants.
 """
 from __future__ import annotations
 
@@ -49,15 +49,15 @@ class ServeBenchConfig:
 
 
 def build_collection(cfg: ServeBenchConfig, folder: Path) -> dict[str, Path]:
-    """The references (id -> photo), saved as a collection in `folder` unless one is there already."""
+    """The references (id -> photo), saved as a collection in `folder` (extended if one is there already)."""
     from pair_vit.match.detector import CopyDetector
     from pair_vit.match.store import DB_FILE
 
     photos = dict(list(real_photos(cfg.images).items())[:cfg.n_references])
     photos = fill_with_variants(photos, cfg.n_references, Path(cfg.out) / "variants")
-    if not (folder / DB_FILE).exists():
-        detector = CopyDetector(progress=cfg.progress)
-        detector.add(photos)
+    exists = (folder / DB_FILE).exists()
+    detector = CopyDetector.load(folder, progress=cfg.progress) if exists else CopyDetector(progress=cfg.progress)
+    if detector.add(photos).added:  # a rerun with more references embeds only the new ones
         detector.save(folder)
     return photos
 
