@@ -105,8 +105,9 @@ class Collection:
             out = {"matches": [_row(r) for r in found.itertuples(index=False)], "skipped": found.attrs["skipped"],
                    "threshold": found.attrs["threshold"]}
             if correspondences:
-                out["correspondences"] = {q: explain.correspondences(detector, path, list(
-                    found.reference_id[found.query_id == q])) for q, path in queries.items() if q not in out["skipped"]}
+                candidates = found.groupby("query_id", sort=False).reference_id.apply(list)
+                out["correspondences"] = {q: explain.correspondences(detector, queries[q], refs)
+                                          for q, refs in candidates.items()}
         return out
 
     def reference_image(self, ref_id: str) -> bytes:
