@@ -149,7 +149,7 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
     built_s = time.perf_counter() - start
     truth = edited_queries(photos, cfg.n_queries, out / "queries", cfg.seed)
     queries = [out / "queries" / f"{q}.jpg" for q in sorted(truth)]
-    with ServerProcess(folder, ["--log-level", "warning"], log=out / "server.log") as server:
+    with ServerProcess(folder, ["--log-level", "warning", "--no-progress"], log=out / "server.log") as server:
         results = {"references": len(photos), "build_s": built_s, "machine": machine(),
                    "latency": latency(server.url, queries, truth, cfg.k),
                    "throughput": throughput(server.url, queries, cfg.clients, cfg.throughput_queries, cfg.k),
