@@ -7,6 +7,7 @@ The pipeline, one subpackage per stage (each `__init__` lists its modules):
     pair        stage 2: the pair ViT that reads reference | query (model, training data, training, scoring)
     match       matching: reference index and shortlist, SIFT verification, calibration, the rerank run,
                 the library API (CopyDetector: a saved, incremental collection) and its store
+    serve       `pair-vit serve`: an HTTP service and a review page over a saved collection
     bench       benchmarks: building one, running every matcher on it, the demo
     edits       the copy-edit battery (AugLy + albumentations) that synthesises queries
 
@@ -19,7 +20,7 @@ Shared modules:
     config      dataclass configs with YAML and command-line overrides
     checkpoint, cache, io, precision, processes, viz, cli: self-describing checkpoints, resumable stage
                 caches, atomic writes, bf16 where native, multi-process helpers, figures, the scripts' main
-    console     the `pair-vit` command (index add|remove|info, match) over CopyDetector
+    console     the `pair-vit` command (index add|remove|info, match, serve) over CopyDetector
 """
 import os
 

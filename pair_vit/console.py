@@ -4,6 +4,7 @@
     pair-vit index remove INDEX ID...       # drop references by id, save
     pair-vit index info INDEX               # counts, weights, settings, sizes on disk
     pair-vit match INDEX QUERIES... [--k 5] [--threshold T] [--output matches.csv]
+    pair-vit serve INDEX [--host 127.0.0.1] [--port 8000] [--token-file FILE] [--workers N]   # docs/serve.md
 
 IMAGES and QUERIES are files or folders (id = file stem). `index add` and `match` also take every
 `DetectorConfig` option (`--shortlist`, `--no-amp`, `--checkpoint`, ... `pair-vit match --help`); a new INDEX
@@ -33,7 +34,7 @@ def _settings_parser() -> argparse.ArgumentParser:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The `pair-vit` argument parser (subcommands index add|remove|info, match)."""
+    """The `pair-vit` argument parser (subcommands index add|remove|info, match, serve)."""
     top = argparse.ArgumentParser(prog="pair-vit", description="Image copy detection against a saved, growing "
                                   "reference collection (pair_vit.CopyDetector).")
     commands = top.add_subparsers(dest="command", required=True)
@@ -58,7 +59,29 @@ def parser() -> argparse.ArgumentParser:
     match.add_argument("--threshold", type=float, default=None,
                        help="is_copy threshold (default: the calibration's precision-90 score)")
     match.add_argument("--output", default="", help="write the rows as CSV here instead of printing them")
+    serve = commands.add_parser("serve", parents=[_serve_parser(), settings], conflict_handler="resolve",
+                                help="serve INDEX over HTTP: matches, additions, removals, the review page",
+                                description="An HTTP service and a review page over a saved collection "
+                                            "(docs/serve.md); DetectorConfig options apply to a new INDEX as in "
+                                            "`index add`, and override the per-match ones of a saved one.")
+    serve.add_argument("index", help="collection folder (created by the first addition if absent)")
     return top
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    from pair_vit.serve.config import ServeConfig
+
+    return build_parser(ServeConfig)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pair_vit.serve import ServeConfig, serve
+
+    names = set(ServeConfig.__dataclass_fields__)
+    cfg = from_dict(ServeConfig, {k: v for k, v in vars(args).items() if k in names}, source="command line")
+    cfg.check()
+    serve(args.index, cfg, _options(args))
+    return 0
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         detector.remove(args.ids)
         detector.save(args.index)
         print(f"removed {len(args.ids)} references: {len(detector)} left in {args.index}")
+    elif args.command == "serve":
+        return _serve(args)
     elif args.command == "index":
         detector = _open(args.index, _options(args), create=True)
         report = detector.add(args.images)
