@@ -16,7 +16,7 @@ their descriptor views live in a faiss `ReferenceIndex` and their pair-ViT input
 embeds only references not yet in the collection; `remove` rebuilds the faiss index from the stored vectors.
 
 score: the calibrated probability that the query was derived from the reference (higher = more likely a copy);
-is_copy: score >= the calibration's precision-90 threshold (0.250 with the shipped weights: on the dev
+is_copy: score >= the calibration's precision-90 threshold (0.262 with the shipped weights: on the dev
 benchmark 90% of the pairs above it were true copies), or the threshold the caller passes.
 
 Bad input is never fatal to a batch: an unreadable query gets no rows and `result.attrs["skipped"]` maps its id
