@@ -11,9 +11,11 @@ shortlist (`index.embed_folder`, `index.search_views`), pair-ViT logits (`pair.s
 inliers (`verify.verify_chunk`) chunk by chunk (`cache.run_chunks`), the calibrated score
 (`rerank.Matches.submission`) and the sorted, capped, validated rows (`rerank.finalise`): on the same images and
 settings it gives rerank.py's numbers (tests/match/test_detector.py). What differs is where references come from:
-their descriptor views live in a faiss `ReferenceIndex` and their pair-ViT input and SIFT keypoints in a
-`ReferenceStore` (`pair_vit.match.store`), computed once by `add` as rerank computes them on every run. `add`
-embeds only references not yet in the collection; `remove` rebuilds the faiss index from the stored vectors.
+their descriptor views live in a faiss `ReferenceIndex` and their pair-ViT trunk tokens and SIFT keypoints in a
+`ReferenceStore` (`pair_vit.match.store`), computed once by `add` as rerank computes them on every run (rerank keeps
+reference tokens at float16 too, so the numbers agree). `add` embeds only references not yet in the collection;
+`remove` rebuilds the faiss index from the stored vectors. A collection built with verify="none" keeps no SIFT
+keypoints (a quarter of the bytes per reference) and cannot be matched with SIFT later.
 
 score: the calibrated probability that the query was derived from the reference (higher = more likely a copy);
 is_copy: score >= the calibration's precision-90 threshold (0.262 with the shipped weights: on the dev
@@ -46,7 +48,8 @@ from pair_vit.match import rerank
 from pair_vit.match.calibration import Calibration
 from pair_vit.match.config import RerankConfig
 from pair_vit.match.inputs import IN_MEMORY, image_inputs
-from pair_vit.match.store import DB_FILE, IncompleteIndexError, ReferenceStore, StoredReference
+from pair_vit.match.artefacts import STORE_CHUNK, pair_layout, reference_artefacts
+from pair_vit.match.store import DB_FILE, IncompleteIndexError, PairLayout, ReferenceStore
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,7 @@ DetectorConfig = dataclasses.make_dataclass("DetectorConfig", [
 ], namespace={"__doc__": "How a CopyDetector embeds, shortlists and scores (scripts/rerank.py's options)."})
 DetectorConfig.__module__ = __name__
 
-FORMAT = 1
-STORE_CHUNK = 256  # references whose artefacts are computed and written at a time
+FORMAT = 2  # 1: the store kept reference pixels (pair_vit.match.store)
 QUERY_WORKERS_FROM = 64  # fewer queries are decoded in this process (a worker costs more than it saves)
 
 
@@ -181,7 +183,8 @@ class CopyDetector:
         position = {ref_id: j for j, ref_id in enumerate(ids)}
         kept: list[int] = []
         try:
-            for chunk in _chunks(self._artefacts(ids, vectors, starts, paths, sources, report), STORE_CHUNK):
+            artefacts = reference_artefacts(self.pair, self.settings, ids, vectors, starts, paths, sources, report)
+            for chunk in _chunks(artefacts, STORE_CHUNK):
                 self.store.put(chunk)
                 kept.extend(position[r.ref_id] for r in chunk)
             if kept:
@@ -191,23 +194,10 @@ class CopyDetector:
             raise
         return [ids[j] for j in kept]
 
-    def _artefacts(self, ids: list[str], vectors: np.ndarray, starts: np.ndarray, paths: dict[str, Path],
-                   sources: dict[str, str], report: data.SkipReport) -> Iterator[StoredReference]:
-        """What matching reads of each embedded reference, decoded as rerank decodes references."""
-        from tqdm import tqdm
-
-        from pair_vit.match.verify import KeypointCache
-        from pair_vit.pair.scoring import TensorCache, load_side
-
-        half = self.pair.half_size
-        tensors = TensorCache(paths, half, report, capacity=0, load_side=load_side(half))
-        keypoints = KeypointCache(paths, report, capacity=0)
-        for j, ref_id in enumerate(tqdm(ids, desc="reference artefacts", disable=not self.settings.progress)):
-            tensor = tensors.get(ref_id)
-            kps = keypoints.get(ref_id) if tensor is not None else None
-            if kps is not None:
-                yield StoredReference(ref_id, sources[ref_id], vectors[starts[j]:starts[j + 1]], tensor.numpy(),
-                                      *kps[0])
+    @property
+    def pair_layout(self) -> PairLayout:
+        """What the store keeps of a reference for the pair model: trunk tokens (hybrid) or pixels."""
+        return pair_layout(self.pair)
 
     def _index_add(self, ref_ids: list[str], vectors: np.ndarray, starts: np.ndarray, kept: list[int]) -> None:
         rows = np.concatenate([np.arange(starts[j], starts[j + 1]) for j in kept])
@@ -257,6 +247,7 @@ class CopyDetector:
         name = f"index-{uuid.uuid4().hex[:12]}"
         self.index.save(folder / name)
         self.store.save(folder, {"format": FORMAT, "index_dir": name, "settings": to_dict(self.settings),
+                                 "pair_layout": self.pair_layout.to_meta(), "keypoints": self.settings.verify != "none",
                                  "weights": self.weights, "calibration": self.calibration.to_dict(),
                                  "n_references": len(self), "saved": time.strftime("%Y-%m-%dT%H:%M:%S")})
         for old in folder.glob("index-*"):
@@ -281,6 +272,9 @@ class CopyDetector:
                                                 f"{options[name]!r}; build a new one for that")
             detector = cls(**{**saved, **options})
             _check_weights(meta["weights"], detector.weights, folder)
+            if detector.settings.verify != "none" and not meta["keypoints"]:
+                raise ix.IndexMismatchError(f"{folder} was built with verify='none' and keeps no SIFT keypoints: match "
+                                            f"it with verify='none', or build a new collection to verify with SIFT")
             if "calibration" not in options:
                 detector.calibration = Calibration.from_dict(meta["calibration"])
             index_dir = folder / meta["index_dir"]
@@ -353,16 +347,14 @@ class CopyDetector:
     def _rescore(self, shortlist: pd.DataFrame, paths: dict[str, Path], report: data.SkipReport) -> pd.DataFrame:
         """rerank.pair_stage and verify_stage without their caches, the references read from the store."""
         from pair_vit.match.verify import QUERY_VARIANTS, KeypointCache, verify_chunk
-        from pair_vit.pair.scoring import TensorCache, TokenCache, expand_views, load_side, score_chunk
+        from pair_vit.pair.scoring import TensorCache, expand_views, load_side, score_chunk
 
         s, half = self.settings, self.pair.half_size
         views = expand_views(s.pair_views)
         queries = TensorCache(paths, half, report, capacity=0, load_side=load_side(half))
 
-        def references(part: pd.DataFrame):  # id -> stored pixels (an ImageCache's get); tokens for a hybrid model
-            stored = self.store.tensors(part.reference_id.unique(), half)
-            return TokenCache(self.pair, stored, 0, s.batch_size, s.amp) if hasattr(self.pair, "forward_tokens") \
-                else stored
+        def references(part: pd.DataFrame):  # id -> stored tokens (a hybrid model) or pixels
+            return self.store.pair_inputs(part.reference_id.unique(), self.pair_layout)
 
         empty = shortlist.iloc[:0].assign(**{f"logit_{v}": [] for v in views}, logit=[])
         scored, _ = run_chunks(shortlist, lambda part: score_chunk(self.pair, part, views, queries, references(part),

@@ -1,25 +1,32 @@
 """What a saved detector keeps of each reference besides its faiss rows, in one SQLite file per folder.
 
     store = ReferenceStore()                      # a new collection (pending rows in a private temp file)
-    store.put([StoredReference(ref_id, source, vectors, tensor, xy, desc), ...])
-    store.tensors(["a", "b"], half_size); store.keypoints(["a"]); store.vectors(["a"], dim)
+    store.put([StoredReference(ref_id, source, vectors, pair, thumbnail, xy, desc), ...])
+    store.pair_inputs(["a", "b"], layout); store.keypoints(["a"]); store.vectors(["a"], dim); store.thumbnail("a")
     store.save(folder, meta)                      # the commit point of `CopyDetector.save`
-    store = ReferenceStore.open(folder)           # refuses a folder whose first save never finished
+    store = ReferenceStore.open(folder)           # refuses a folder whose first save never finished, or an old format
 
-Per reference (`StoredReference`): its descriptor views (float32 (V, D), whole image first: the faiss index can be
-rebuilt exactly after a removal, whatever its factory), its pair-ViT input (uint8 (3, h, w): the image decoded and
-resized as `pair_vit.pair.scoring.TensorCache` does for references) and its SIFT keypoints (float32 xy (n, 2),
-float16 RootSIFT (n, 128): `pair_vit.match.verify.keypoints`, n <= 800). Matching reads these instead of decoding
-reference images, so a saved collection no longer needs its image files and a query costs no reference decoding
-or keypoint extraction. On disk: about 37 KB (shipped pair ViT, 112 x 112) + 264 bytes per keypoint + 1 KB per
-descriptor view.
+Per reference (`StoredReference`):
+- its descriptor views (float32 (V, D), whole image first: the faiss index can be rebuilt exactly after a removal,
+  whatever its factory; 1 KB per view);
+- its pair-ViT side (`pair`): for the hybrid pair ViT the reference's trunk tokens, float16 (C, Gh, Gw) (Lite0 at
+  160 px: 112 x 10 x 10, 22.4 KB), all a localizing pair model reads of a reference; for the pixel pair ViT its
+  input, uint8 (3, h, w). `PairLayout` says which, and is checked on every read;
+- a JPEG thumbnail (longest side `THUMBNAIL_SIDE`, ~5 KB) for people: the review page shows it, no model reads it;
+- its SIFT keypoints (float32 xy (n, 2), float16 RootSIFT (n, 128): `pair_vit.match.verify.keypoints`, n <= 800,
+  264 bytes each) while the collection verifies with SIFT; none (n = 0) for a collection built with verify none.
+Matching reads these instead of decoding reference images, so a saved collection no longer needs its image files
+and a query costs no reference decoding, trunk pass or keypoint extraction.
 
-Atomicity: rows added or removed since the last save are pending (added rows in a temporary database under TMPDIR,
-about 150 KB per reference; removed ids in memory). `save` into the folder the store was opened from (or last
-saved to) applies them and the new `meta` in ONE SQLite transaction: a process killed before its commit leaves the
-previous save intact (SQLite rolls the journal back on the next open). `save` into another folder writes a
-complete database under a temporary name and renames it into place. `meta` names the faiss index folder of the
-save, written before the commit, so a save's rows, metadata and index always belong together.
+Format 1 (before 2026-12-07) kept each reference's pixels instead of its tokens: `open` refuses it with the
+commands that rebuild it (`StoreFormatError`).
+
+Atomicity: rows added or removed since the last save are pending (added rows in a temporary database under TMPDIR;
+removed ids in memory). `save` into the folder the store was opened from (or last saved to) applies them and the
+new `meta` in ONE SQLite transaction: a process killed before its commit leaves the previous save intact (SQLite
+rolls the journal back on the next open). `save` into another folder writes a complete database under a temporary
+name and renames it into place. `meta` names the faiss index folder of the save, written before the commit, so a
+save's rows, metadata and index always belong together.
 """
 from __future__ import annotations
 
@@ -37,18 +44,42 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 DB_FILE = "references.sqlite"
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 1: reference pixels instead of tokens (refused)
+THUMBNAIL_SIDE = 160  # longest side of the JPEG thumbnail kept for the review page
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS refs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
-                                 source TEXT NOT NULL, vectors BLOB NOT NULL, tensor BLOB NOT NULL,
-                                 xy BLOB NOT NULL, descriptors BLOB NOT NULL);
+                                 source TEXT NOT NULL, vectors BLOB NOT NULL, pair BLOB NOT NULL,
+                                 thumbnail BLOB NOT NULL, xy BLOB NOT NULL, descriptors BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_COLUMNS = "id, source, vectors, tensor, xy, descriptors"
+_COLUMNS = "id, source, vectors, pair, thumbnail, xy, descriptors"
 
 
 class IncompleteIndexError(ValueError):
     """A folder holds no complete saved detector (never saved, a first save killed midway, or files missing)."""
+
+
+class StoreFormatError(ValueError):
+    """A folder saved by a pair-vit whose store layout this one does not read: rebuild it from the images."""
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """What the `pair` column holds: "tokens" (float16) or "pixels" (uint8), and its per-reference shape."""
+
+    kind: str
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self):
+        return np.float16 if self.kind == "tokens" else np.uint8
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"kind": self.kind, "shape": list(self.shape)}
+
+    @classmethod
+    def from_meta(cls, value: dict[str, Any]) -> "PairLayout":
+        return cls(value["kind"], tuple(int(n) for n in value["shape"]))
 
 
 @dataclass
@@ -58,13 +89,15 @@ class StoredReference:
     ref_id: str
     source: str
     vectors: np.ndarray  # (V, D) float32 descriptor views, whole image first
-    tensor: np.ndarray  # (3, h, w) uint8 pair-ViT input
-    xy: np.ndarray  # (n, 2) float32 keypoint positions
+    pair: np.ndarray  # (C, Gh, Gw) float16 trunk tokens, or (3, h, w) uint8 pixels (PairLayout)
+    thumbnail: bytes  # JPEG, longest side THUMBNAIL_SIDE
+    xy: np.ndarray  # (n, 2) float32 keypoint positions (n = 0 without SIFT)
     descriptors: np.ndarray  # (n, 128) float16 RootSIFT
 
     def row(self) -> tuple:
-        return (self.ref_id, self.source, _blob(self.vectors, np.float32), _blob(self.tensor, np.uint8),
-                _blob(self.xy, np.float32), _blob(self.descriptors, np.float16))
+        pair_dtype = np.uint8 if self.pair.dtype == np.uint8 else np.float16
+        return (self.ref_id, self.source, _blob(self.vectors, np.float32), _blob(self.pair, pair_dtype),
+                self.thumbnail, _blob(self.xy, np.float32), _blob(self.descriptors, np.float16))
 
 
 def _blob(array: np.ndarray, dtype) -> bytes:
@@ -101,6 +134,13 @@ class ReferenceStore:
         if "index_dir" not in meta:
             store.close()
             raise IncompleteIndexError(f"{path} holds no committed save (no index recorded)")
+        if meta.get("store_format") != STORE_FORMAT:
+            store.close()
+            raise StoreFormatError(
+                f"{folder} was saved in store format {meta.get('store_format')}, which kept each reference's pixels; "
+                f"this pair-vit reads format {STORE_FORMAT} (each reference's pair-ViT tokens). Rebuild it from the "
+                f"reference images: `pair-vit index add NEW_FOLDER IMAGES...` (or CopyDetector().add(images)"
+                f".save(NEW_FOLDER))")
         return store
 
     def close(self) -> None:
@@ -130,7 +170,7 @@ class ReferenceStore:
         """Add references (pending until `save`); their ids must not be live already."""
         refs = list(refs)
         with self.pending:
-            self.pending.executemany(f"INSERT INTO refs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            self.pending.executemany(f"INSERT INTO refs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                                      [r.row() for r in refs])
         self.sources.update((r.ref_id, r.source) for r in refs)
 
@@ -160,18 +200,23 @@ class ReferenceStore:
         """id -> (V, dim) float32 descriptor views."""
         return {i: np.frombuffer(b, np.float32).reshape(-1, dim) for i, b in self._rows(ids, "vectors").items()}
 
-    def tensors(self, ids: Iterable[str], half_size: Sequence[int]) -> dict[str, Any]:
-        """id -> (3, h, w) uint8 torch tensor, the pair-ViT input of the reference."""
+    def pair_inputs(self, ids: Iterable[str], layout: PairLayout) -> dict[str, Any]:
+        """id -> the pair-ViT side of the reference as a torch tensor of `layout.shape`: float16 tokens, or uint8
+        pixels (see the module docstring)."""
         import torch
 
-        shape = (3, int(half_size[0]), int(half_size[1]))
+        size = int(np.prod(layout.shape)) * np.dtype(layout.dtype).itemsize
         out = {}
-        for ref_id, blob in self._rows(ids, "tensor").items():
-            if len(blob) != int(np.prod(shape)):
-                raise IncompleteIndexError(f"reference {ref_id!r} was stored for a pair ViT of another input size "
-                                           f"({len(blob)} bytes, {shape} expected)")
-            out[ref_id] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).reshape(shape)
+        for ref_id, blob in self._rows(ids, "pair").items():
+            if len(blob) != size:
+                raise IncompleteIndexError(f"reference {ref_id!r} was stored for another pair model ({len(blob)} "
+                                           f"bytes, {layout.kind} {layout.shape} expected)")
+            out[ref_id] = torch.from_numpy(np.frombuffer(blob, layout.dtype).reshape(layout.shape).copy())
         return out
+
+    def thumbnail(self, ref_id: str) -> bytes | None:
+        """The JPEG thumbnail of a live reference, or None if it is not in the collection."""
+        return self._rows([ref_id], "thumbnail").get(ref_id)
 
     def keypoints(self, ids: Iterable[str]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
         """id -> [(xy (n, 2) float32, RootSIFT (n, 128) float16)]: a `verify.KeypointCache` entry (one variant)."""

@@ -176,7 +176,8 @@ class HybridPairViT(PairInputs, nn.Module):
             ref_match, query_match = match_channels(ref_tokens, query_tokens)
             ref_tokens = torch.cat([ref_tokens.float(), ref_match], dim=1)
             query_tokens = torch.cat([query_tokens.float(), query_match], dim=1)
-        x = torch.cat([ref_tokens, query_tokens], dim=3).to(self.head.weight.dtype)  # reference left, query right
+        # reference left, query right (references may come float16 from a store, queries bf16 under autocast)
+        x = torch.cat([ref_tokens.float(), query_tokens.float()], dim=3).to(self.head.weight.dtype)
         features = self.vit.forward_features(x)  # (B, prefix + Gh*2Gw, D)
         pooled = self.vit.forward_head(features, pre_logits=True)  # (B, D)
         return self.head(pooled).squeeze(1).float()

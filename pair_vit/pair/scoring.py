@@ -122,9 +122,11 @@ def _query_views(cache: TensorCache, query_id: str, views: list[str],
 class TokenCache:
     """Trunk tokens of a hybrid pair model (`pair_vit.pair.hybrid`) per image id, computed in batches and kept
     for `capacity` images, least recently used dropped: a reference shortlisted by many queries costs one trunk
-    pass. An image costs C * Gh * Gw floats (Lite0 at 112 px: 112 x 7 x 7, 22 KB in float32), so the default
-    capacity bounds the cache to ~0.45 GB; beyond it tokens are recomputed. In memory only: a run never reads
-    tokens another model or resolution made. Unreadable images map to None (recorded in the image cache's report)."""
+    pass. Tokens are kept at float16 (C * Gh * Gw halves: Lite0 at 160 px, 112 x 10 x 10, 22 KB), as a saved
+    collection stores them (`pair_vit.match.store`), so rerank.py and `CopyDetector` score the same numbers; the
+    default capacity bounds the cache to ~0.45 GB, beyond it tokens are recomputed. In memory only: a run never
+    reads tokens another model or resolution made. Unreadable images map to None (recorded in the image cache's
+    report)."""
 
     def __init__(self, model, images: TensorCache, capacity: int = 20000, batch_size: int = 64, amp: bool = True):
         self.model, self.images, self.capacity = model, images, capacity
@@ -138,7 +140,7 @@ class TokenCache:
         readable = [i for i, x in pixels.items() if x is not None]
         if readable:
             computed = trunk_tokens(self.model, torch.stack([pixels[i] for i in readable]), self.batch_size, self.amp)
-            found.update(zip(readable, computed))
+            found.update(zip(readable, computed.to(torch.float16)))
         found.update({i: None for i, x in pixels.items() if x is None})
         for i in found:
             self._cache[i] = found[i]
@@ -222,7 +224,8 @@ def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: Tensor
     Returns the rows whose query and reference could be read, with logit_<view> per view, logit_local for a
     localizing model (the query's region where the reference was found: `pair_vit.pair.localize`) and `logit`
     (their max). Pairs are batched across queries, so small shortlists still fill large batches. `ref_cache` holds
-    reference images, or reference tokens for a hybrid model."""
+    reference images, or reference tokens for a hybrid model (a `TokenCache`, or a mapping id -> float16 tokens such
+    as a saved collection's)."""
     settings = getattr(model, "localize", None)
     fine = fine_size(query_cache.half_size, settings) if settings is not None else None
     q_tensors = {q: _query_views(query_cache, q, views, fine) for q in rows.query_id.unique()}

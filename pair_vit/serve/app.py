@@ -6,7 +6,7 @@
     GET    /references?offset&limit   {"total", "offset", "limit", "ids"}
     POST   /references                multipart `image` parts, id = file stem (Bearer token if configured)
     DELETE /references/{id}           (Bearer token if configured)
-    GET    /references/{id}/image     PNG of the pixels the collection keeps of a reference
+    GET    /references/{id}/image     JPEG thumbnail the collection keeps of a reference
 
 Every refusal is JSON `{"error": "..."}` with a 4xx status naming the problem (ServeError, framework errors,
 the body limit); an unexpected failure is a 500 with the exception's type, and the server keeps serving.
@@ -130,8 +130,8 @@ class Routes:
         return JSONResponse(await run_in_threadpool(self.collection.remove, request.path_params["ref_id"]))
 
     async def image(self, request: Request) -> Response:
-        png = await run_in_threadpool(self.collection.reference_image, request.path_params["ref_id"])
-        return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+        jpeg = await run_in_threadpool(self.collection.reference_image, request.path_params["ref_id"])
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------ helpers
 

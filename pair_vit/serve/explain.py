@@ -6,7 +6,7 @@
 The hybrid pair ViT (`pair_vit.pair.hybrid`) reads each image as a Gh x Gw grid of trunk tokens and, before its
 transformer, marks the tokens of the query and the reference that are mutual nearest neighbours
 (`match_channels`): a copy's mutual neighbours line up, a look-alike's scatter. This module runs the same trunk
-and the same function on the query's whole view and each candidate's stored pixels, and returns per candidate:
+on the query's whole view and the same function against each candidate's stored tokens, and returns per candidate:
 `similarity`, each query token's cosine similarity to its nearest reference token (Gh * Gw floats, row-major,
 higher = that part of the query is found in the reference), and `pairs`, each mutual nearest-neighbour pair as
 the query token's centre and the reference token's centre, as fractions of the image's width and height (0..1),
@@ -14,7 +14,6 @@ and its similarity. The model also scores other query views (crops, a mirror ima
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from pair_vit import data
 
 def correspondences(detector, query: Path, reference_ids: list[str]) -> dict[str, Any] | None:
     """The correspondences of `query` with each of `reference_ids` (module docstring); None for a pair model
-    without a token trunk (the pixel pair ViT), and no entry for a reference the store keeps no pixels of."""
+    without a token trunk (the pixel pair ViT), and no entry for a reference not in the collection."""
     import torch
 
     from pair_vit.pair.hybrid import match_channels
@@ -34,14 +33,13 @@ def correspondences(detector, query: Path, reference_ids: list[str]) -> dict[str
         return None
     half = model.half_size
     pixels = TensorCache({"q": query}, half, data.SkipReport(), capacity=0, load_side=load_side(half)).get("q")
-    stored = detector.store.tensors(reference_ids, half)
+    stored = detector.store.pair_inputs(reference_ids, detector.pair_layout)
     ids = [i for i in reference_ids if i in stored]
     if pixels is None or not ids:
         return {"grid": list(model.grid), "candidates": {}}
     s = detector.settings
-    tokens = trunk_tokens(model, torch.stack([pixels, *(stored[i] for i in ids)]), s.batch_size, s.amp)
-    query_tokens = tokens[:1].expand(len(ids), -1, -1, -1)
-    _, channels = match_channels(tokens[1:], query_tokens)  # (R, 5, Gh, Gw): the query side
+    query_tokens = trunk_tokens(model, pixels[None], s.batch_size, s.amp).expand(len(ids), -1, -1, -1)
+    _, channels = match_channels(torch.stack([stored[i] for i in ids]), query_tokens)  # (R, 5, Gh, Gw): query side
     return {"grid": list(model.grid), "candidates": {ref_id: _candidate(c) for ref_id, c in zip(ids, channels)}}
 
 
@@ -58,14 +56,7 @@ def _candidate(channels) -> dict[str, Any]:
     return {"similarity": [round(float(v), 4) for v in similarity], "pairs": pairs}
 
 
-def reference_png(detector, ref_id: str) -> bytes | None:
-    """PNG bytes of the pixels the store keeps of `ref_id` (the pair model's input size), or None if it keeps
-    none."""
-    from PIL import Image
-
-    tensor = detector.store.tensors([ref_id], detector.pair.half_size).get(ref_id)
-    if tensor is None:
-        return None
-    buffer = io.BytesIO()
-    Image.fromarray(tensor.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
+def reference_thumbnail(detector, ref_id: str) -> bytes | None:
+    """JPEG bytes of the thumbnail the store keeps of `ref_id` (`pair_vit.match.store.THUMBNAIL_SIDE`), or None if
+    it is not in the collection."""
+    return detector.store.thumbnail(ref_id)

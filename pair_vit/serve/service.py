@@ -111,15 +111,15 @@ class Collection:
         return out
 
     def reference_image(self, ref_id: str) -> bytes:
-        """The PNG of what the collection keeps of a reference's pixels (the pair model's input)."""
+        """The JPEG thumbnail the collection keeps of a reference (longest side 160 px)."""
         with self.lock.read():
             detector = self._current()
             if ref_id not in detector:
                 raise ServeError(404, f"no reference {ref_id!r} in the collection")
-            png = explain.reference_png(detector, ref_id)
-        if png is None:
-            raise ServeError(404, f"the collection keeps no pixels of {ref_id!r}")
-        return png
+            jpeg = explain.reference_thumbnail(detector, ref_id)
+        if jpeg is None:
+            raise ServeError(404, f"the collection keeps no thumbnail of {ref_id!r}")
+        return jpeg
 
     # ------------------------------------------------------------------ writing
 

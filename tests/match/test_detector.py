@@ -3,6 +3,7 @@ incremental add, remove, save/load round trip, refusals (other weights, duplicat
 queries."""
 from __future__ import annotations
 
+import io
 import shutil
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 import pair_vit
@@ -232,6 +234,47 @@ def test_unfinished_or_damaged_folders_are_refused(collection, photos, tmp_path,
         shutil.rmtree(index_dir)
     with pytest.raises(store.IncompleteIndexError, match="missing"):
         CopyDetector.load(collection)
+
+
+def test_the_store_keeps_tokens_and_a_thumbnail_not_pixels(collection, photos):
+    detector = CopyDetector.load(collection)
+    layout = detector.pair_layout
+    assert layout.kind == "tokens" and layout.shape == (112, 10, 10)  # Lite0 at 160 px
+    ref_id = photos[0].stem
+    tokens = detector.store.pair_inputs([ref_id], layout)[ref_id]
+    assert tokens.dtype == torch.float16 and tuple(tokens.shape) == layout.shape
+    with sqlite3.connect(collection / store.DB_FILE) as conn:
+        pair, thumb, xy = conn.execute("SELECT length(pair), thumbnail, length(xy) FROM refs WHERE id = ?",
+                                       (ref_id,)).fetchone()
+    assert pair == 112 * 10 * 10 * 2 and xy > 0  # float16 tokens; keypoints while verifying with SIFT
+    thumbnail = Image.open(io.BytesIO(thumb))
+    assert thumbnail.format == "JPEG" and max(thumbnail.size) == store.THUMBNAIL_SIDE
+    # the stored tokens are the model's tokens of the reference, as rerank.py computes them
+    from pair_vit.pair.scoring import TensorCache, load_side, trunk_tokens
+
+    half = detector.pair.half_size
+    pixels = TensorCache({ref_id: photos[0]}, half, data.SkipReport(), 0, load_side(half)).get(ref_id)
+    fresh = trunk_tokens(detector.pair, pixels[None], amp=detector.settings.amp)[0].to(torch.float16)
+    assert torch.equal(fresh, tokens)
+
+
+def test_a_format_1_collection_is_refused_with_the_rebuild_command(collection):
+    with sqlite3.connect(collection / store.DB_FILE) as conn:
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'store_format'")
+    with pytest.raises(store.StoreFormatError, match="pair-vit index add NEW_FOLDER IMAGES"):
+        CopyDetector.load(collection)
+
+
+def test_without_sift_no_keypoints_are_kept(photos, tmp_path):
+    detector = CopyDetector(verify="none", calibration="none", **FAST)
+    detector.add(photos[:3])
+    folder = detector.save(tmp_path / "nosift")
+    with sqlite3.connect(folder / store.DB_FILE) as conn:
+        assert conn.execute("SELECT max(length(xy) + length(descriptors)) FROM refs").fetchone()[0] == 0
+    found = CopyDetector.load(folder).match(photos[1], k=1)
+    assert found.reference_id.iloc[0] == photos[1].stem
+    with pytest.raises(ix.IndexMismatchError, match="keeps no SIFT keypoints"):
+        CopyDetector.load(folder, verify="sift", calibration="none")
 
 
 def test_trained_factory_survives_remove(photos, tmp_path):

@@ -2,6 +2,7 @@
 bad-input case (a 4xx JSON error, nothing changed, the server still serving), saves before acknowledging."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -104,8 +105,12 @@ def test_match_with_correspondences(served, photos, cat_bytes):
 def test_reference_image(served):
     client, _ = served
     response = client.get("/references/chelsea/image")
-    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-    assert response.content.startswith(b"\x89PNG")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.content.startswith(b"\xff\xd8")  # a JPEG thumbnail, longest side 160, aspect kept
+    from PIL import Image
+
+    thumb = Image.open(io.BytesIO(response.content))
+    assert max(thumb.size) == 160 and thumb.size[0] > thumb.size[1]  # chelsea is landscape
     assert client.get("/references/nope/image").status_code == 404
 
 
