@@ -128,13 +128,21 @@ def server_memory(pid: int) -> dict[str, int]:
     return {name: int(fields[key].split()[0]) * 1024 for name, key in (("rss", "VmRSS"), ("peak_rss", "VmHWM"))}
 
 
-def store_bytes(folder: Path, n: int) -> dict[str, float]:
+def store_bytes(folder: Path, n: int) -> dict[str, Any]:
+    """Bytes on disk per reference: the SQLite store, the faiss index, and the store's columns (what each part
+    costs: descriptor vectors, pair-ViT tokens, thumbnail, SIFT keypoints)."""
+    import sqlite3
+
     from pair_vit.match.store import DB_FILE
 
     store = (folder / DB_FILE).stat().st_size
     index = sum(p.stat().st_size for p in folder.glob("index-*/*") if p.is_file())
+    with sqlite3.connect(folder / DB_FILE) as conn:
+        row = conn.execute("SELECT sum(length(vectors)), sum(length(pair)), sum(length(thumbnail)), "
+                           "sum(length(xy) + length(descriptors)) FROM refs").fetchone()
+    columns = dict(zip(("vectors", "pair_tokens", "thumbnail", "sift_keypoints"), (v / n for v in row)))
     return {"store_bytes": store, "index_bytes": index, "store_bytes_per_reference": store / n,
-            "index_bytes_per_reference": index / n}
+            "index_bytes_per_reference": index / n, "column_bytes_per_reference": columns}
 
 
 def run(cfg: ServeBenchConfig) -> dict[str, Any]:
@@ -179,4 +187,6 @@ def report(r: dict[str, Any]) -> str:
         f"{r['batching']['batched_s_per_query']:.3f} / {r['batching']['single_s_per_query']:.3f} s per query |",
         f"| server memory, resident / peak | {mem['rss'] / mib:.0f} / {mem['peak_rss'] / mib:.0f} MiB |",
         f"| store bytes per reference (SQLite) | {r['store_bytes_per_reference'] / 1024:.1f} KB |",
+        *(f"| - of which {name.replace('_', ' ')} | {value / 1024:.1f} KB |"
+          for name, value in r["column_bytes_per_reference"].items()),
         f"| faiss index bytes per reference | {r['index_bytes_per_reference'] / 1024:.1f} KB |", ""])
