@@ -57,6 +57,8 @@ class CompareConfig:
                                          "descriptor rows with full references are added for comparison",
                                choices=REFERENCE_VIEWS)
     rerank_k: int = opt(20, "shortlist size the pair ViT rescores")
+    token_recall: int = opt(0, "places of the reranker's shortlist given to references the query's local tokens "
+                               "vote for (as rerank.py --token-recall)")
     verify: str = opt("sift", "local verification of the reranker's pairs (rows with and without it): sift or "
                               "none", choices=("sift", "none"))
     smoke: str = opt("", "folder of real copy pairs (e.g. ../shared/data/smoke), one sub-folder each: a "
@@ -188,7 +190,7 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
                                output=str(out / "rerank.csv"), work_dir=str(out / "rerank.work"), k=cfg.rerank_k,
                                checkpoint=cfg.pair_checkpoint, descriptor_checkpoint=cfg.descriptor_checkpoint,
                                pair_views=list(cfg.pair_views), views=cfg.shortlist_views, amp=cfg.amp,
-                               reference_views=cfg.reference_views,
+                               reference_views=cfg.reference_views, token_recall=cfg.token_recall,
                                verify=cfg.verify, calibration="none", progress=False)
     found, seconds = _timed(lambda: rerank.match(rcfg))
     stored = found.stored_calibration

@@ -55,6 +55,12 @@ class RerankConfig:
                                          "crops of a reference), grid (14)", choices=REFERENCE_VIEWS)
     reference_penalty: float = opt(REFERENCE_SUBVIEW_PENALTY, "subtracted from the similarity of every "
                                    "reference view but the whole image before views are merged")
+    # a second recall path for copies filling a small part of the query (pair_vit.match.token_recall; measured:
+    # docs/results.md#token-recall)
+    token_recall: int = opt(0, "places of the k-candidate shortlist given to references the query's local "
+                               "pair-ViT tokens vote for (0: the descriptor shortlist alone)")
+    token_factory: str = opt("Flat", "faiss index_factory string for the reference-token index (--token-recall): "
+                                     "Flat, or IVF{nlist},PQ{m} for large collections")
     # 64: at the top of both models' throughput on a 2-core CPU; larger batches fall out of cache and run
     # slower (measured: docs/results.md#batch-size)
     batch_size: int = opt(64, "images (descriptor) or pairs (pair ViT) per forward pass")

@@ -51,6 +51,7 @@ from pair_vit.match.verify import verify_shortlist
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = DESCRIPTOR_WEIGHTS
+TOKEN_DEPTH = 4  # with token recall, the descriptor lists 4k references: the similarities voted ones keep
 
 
 @dataclass
@@ -175,7 +176,9 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
            "model": ix.model_fingerprint(model),
            **{k: getattr(cfg, k) for k in ("k", "views", "factory", "nprobe", "background", "background_n",
                                            "background_beta", "amp", "subview_penalty", "reference_views",
-                                           "reference_penalty")}}
+                                           "reference_penalty", "token_recall", "token_factory")}}
+    if cfg.token_recall:
+        key["pair"] = _pair_fingerprint(cfg)
     folder = cache.stage_dir(work_folder(cfg) / "shortlist", key, procs)
     if (folder / "shortlist.csv").is_file():
         cache.load_report(folder / "skipped.json", report)
@@ -196,9 +199,12 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
         model, procs.share(queries), cfg.batch_size, cfg.amp, cfg.views, report, cfg.num_workers,
         progress=cfg.progress and procs.is_main and "queries")
     stats["embedded"] += len(queries)
-    mine = ix.search_views(index, q_ids, q_vectors, owner, cfg.k, background, cfg.background_n,
+    depth = cfg.k * TOKEN_DEPTH if cfg.token_recall else cfg.k  # voted references keep a similarity if listed
+    mine = ix.search_views(index, q_ids, q_vectors, owner, depth, background, cfg.background_n,
                            cfg.background_beta, progress=cfg.progress and procs.is_main and "search",
                            subview_penalty=cfg.subview_penalty, reference_penalty=cfg.reference_penalty)
+    if cfg.token_recall:
+        mine = token_shortlist(procs, mine, {q: queries[q] for q in q_ids}, references, report, cfg, stats)
     # Every process takes the shortlist as written to the cache, so a fresh and a resumed run continue from
     # exactly the same values.
     text = pd.concat(procs.gather([mine]), ignore_index=True).to_csv(index=False, float_format="%.8g")
@@ -207,6 +213,32 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
         cache.save_report(folder / "skipped.json", report)
         write_text_atomic(folder / "shortlist.csv", text)
     return pd.read_csv(io.StringIO(text), dtype={"query_id": str, "reference_id": str})
+
+
+def token_shortlist(procs: Processes, deep: pd.DataFrame, queries: dict[str, Path], references: dict[str, Path],
+                    report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
+    """This process's queries' k-candidate shortlists from their `deep` descriptor lists, the last
+    `cfg.token_recall` places given to the references their local tokens vote for (`pair_vit.match.token_recall`)."""
+    from pair_vit.match import token_recall as tr
+
+    start = time.perf_counter()
+    settings = tr.TokenRecallSettings(candidates=cfg.token_recall, factory=cfg.token_factory)
+    model = load_pair(cfg)[0].eval()
+    parts = procs.gather([tr.reference_tokens(model, procs.share(references), report, cfg.batch_size, cfg.amp)])
+    ids = [i for part_ids, _ in parts for i in part_ids]
+    index = tr.TokenIndex.build(ids, np.concatenate([t for _, t in parts]), settings.factory)
+    rows = tr.query_rows(model, queries, settings.scales, report, cfg.batch_size, cfg.amp)
+    voted = tr.top_votes(list(rows), index.vote(list(rows.values()), settings), index.ids, settings.candidates + cfg.k)
+    stats["token_recall_seconds"] = time.perf_counter() - start
+    return tr.merge_votes(deep, voted, cfg.k, settings.candidates)
+
+
+def _pair_fingerprint(cfg: RerankConfig) -> str:
+    """A hash of the pair checkpoint's bytes (its tokens vote in the shortlist with --token-recall)."""
+    import hashlib
+
+    path = Path(cfg.checkpoint) if cfg.checkpoint else SHIPPED_WEIGHTS
+    return hashlib.blake2b(path.read_bytes(), digest_size=12).hexdigest() if path.is_file() else ""
 
 
 def _merge_reports(procs: Processes, report: data.SkipReport) -> None:

@@ -344,3 +344,24 @@ def test_verification_inliers_are_fused_and_required_by_their_calibration(folder
     plain = rerank.run(pair_config(queries, refs, tmp_path / "c.csv", checkpoint, pair, verify="none",
                                    calibration="none"))
     assert len(plain) == 6 and not (tmp_path / "c.csv.work" / "verify").exists()
+
+
+def test_token_recall_brings_a_voted_reference_into_the_shortlist(folders, checkpoint, tmp_path, monkeypatch):
+    """With a random descriptor the copy can miss a k=1 shortlist; the query's own tokens (an exact copy) vote for
+    its source, which takes the one place given to token recall."""
+    from pair_vit.match import token_recall as tr
+
+    queries, refs, originals = folders
+    plain = rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint, k=2))
+    voted = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1))
+    assert voted.groupby("query_id").size().to_dict() == {"Q1": 2, "Q4": 2}
+    for query, source in zip(("Q1", "Q4"), originals):
+        mine = voted[voted.query_id == query]
+        assert source in set(mine.reference_id)  # the best-voted reference is the exact copy's source
+        first = plain[plain.query_id == query].reference_id.iloc[0]
+        assert first in set(mine.reference_id)  # the descriptor keeps its first place
+    # its own cache: changing token_recall does not reuse the plain shortlist, and a rerun reuses its own
+    calls = []
+    monkeypatch.setattr(tr, "query_rows", lambda *a, **k: calls.append(1))
+    again = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1, overwrite=True))
+    assert not calls and again.equals(voted)

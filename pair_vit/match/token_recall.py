@@ -1,0 +1,213 @@
+"""A second recall path for copies that fill a small part of the query: the query's local tokens vote for references.
+
+    index = TokenIndex.build(ref_ids, ref_tokens)            # (N, C, Gh, Gw) trunk tokens of the pair ViT, per reference
+    votes = index.vote(query_tokens, settings)               # [(Nq, C) tokens of each query] -> (Q, R) vote scores
+    shortlist = merge_votes(deep, top_votes, k, settings.candidates)   # the descriptor's k, some voted in
+
+The global descriptor sees a collage cell, a photo inside a screenshot or a paste as a small part of one image, and
+misses it when the rest of the query dominates the vector: on dev, every shortlist miss is such a copy. The pair
+ViT's trunk (frozen ImageNet EfficientNet-Lite0 at stride 16) describes each 16 x 16 patch on its own, and the
+localize stage already matches those tokens (`pair_vit.pair.localize`). Here, as ASMK / HOW-style local retrieval
+does, every token of the query (read at the pair model's half size and at `scales` x it: 10 x 10 and 20 x 20
+tokens at 160 px) looks up its `neighbours` nearest reference tokens (cosine, a faiss index over all references'
+tokens); each neighbour above `floor` votes `similarity - floor` for its reference, a query token at most once per
+reference (its best token there). The references with the most votes that the descriptor did not shortlist take
+the last `candidates` places of the k-candidate shortlist.
+
+Memory: C floats per reference token (Lite0: 112 x 10 x 10 tokens per reference at 160 px, 44.8 KB float32 in a
+Flat index); a PQ factory (`factory="IVF4096,PQ16"`: 16 bytes + an 8-byte id per token, 2.4 KB per reference) is
+what a million references need (2.4 GB). Settings and measurements: docs/results.md#token-recall.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from pair_vit.io import atomic_path, write_text_atomic
+
+META_FILE = "token_index.json"
+
+
+@dataclass(frozen=True)
+class TokenRecallSettings:
+    """How query tokens vote (`vote`) and how many voted references join the shortlist (`merge_votes`)."""
+
+    candidates: int = 3  # places of the k-candidate shortlist given to voted references (0: the path is off)
+    neighbours: int = 3  # reference tokens each query token looks up
+    floor: float = 0.5  # a neighbour votes (similarity - floor) if its cosine similarity is above this
+    scales: tuple[int, ...] = (1, 2)  # the query is read at these multiples of the pair model's half size
+    factory: str = "Flat"  # faiss index of reference tokens (inner product on unit vectors)
+
+
+class TokenIndex:
+    """Unit-normalised reference tokens in a faiss index, each row owned by one reference."""
+
+    def __init__(self, index, ids: list[str], owner: np.ndarray, fingerprint: str = ""):
+        self.index, self.ids, self.owner, self.fingerprint = index, list(ids), owner.astype(np.int64), fingerprint
+
+    @classmethod
+    def build(cls, ids: Sequence[str], tokens: np.ndarray, factory: str = "Flat",
+              fingerprint: str = "") -> "TokenIndex":
+        """ids (N,), tokens (N, C, Gh, Gw) of each reference (any float dtype) -> the index of N * Gh * Gw rows."""
+        import faiss
+
+        rows = unit_rows(tokens)  # (N, Gh * Gw, C)
+        flat = rows.reshape(-1, rows.shape[2])
+        index = faiss.index_factory(flat.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(flat)
+        index.add(flat)
+        return cls(index, list(ids), np.repeat(np.arange(len(ids)), rows.shape[1]), fingerprint)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def vote(self, query_tokens: list[np.ndarray], settings: TokenRecallSettings) -> np.ndarray:
+        """query_tokens: per query, (Nq, C) unit tokens (`unit_rows` of each scale, concatenated) -> (Q, N) float32
+        vote scores (higher = more of the query found in that reference; 0: no vote)."""
+        k = min(settings.neighbours, self.index.ntotal)
+        out = np.zeros((len(query_tokens), len(self.ids)), np.float32)
+        for q, tokens in enumerate(query_tokens):
+            sim, rows = self.index.search(np.ascontiguousarray(tokens, np.float32), k)  # (Nq, k)
+            out[q] = token_votes(sim, self.owner[np.maximum(rows, 0)], rows >= 0, len(self.ids), settings.floor)
+        return out
+
+    def save(self, folder: str | Path) -> None:
+        import faiss
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "tokens.faiss") as tmp:
+            faiss.write_index(self.index, str(tmp))
+        np.save(folder / "owner.npy.tmp.npy", self.owner)
+        (folder / "owner.npy.tmp.npy").replace(folder / "owner.npy")
+        write_text_atomic(folder / META_FILE, json.dumps({"ids": self.ids, "fingerprint": self.fingerprint}))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "TokenIndex":
+        import faiss
+
+        folder = Path(folder)
+        meta = json.loads((folder / META_FILE).read_text())
+        return cls(faiss.read_index(str(folder / "tokens.faiss")), meta["ids"], np.load(folder / "owner.npy"),
+                   meta["fingerprint"])
+
+
+def unit_rows(tokens) -> np.ndarray:
+    """(N, C, Gh, Gw) tokens (numpy or torch, any float dtype) -> (N, Gh * Gw, C) float32 unit vectors."""
+    array = np.asarray(tokens.float() if hasattr(tokens, "float") else tokens, np.float32)
+    rows = array.reshape(array.shape[0], array.shape[1], -1).transpose(0, 2, 1)
+    return np.ascontiguousarray(rows / np.maximum(np.linalg.norm(rows, axis=2, keepdims=True), 1e-12))
+
+
+def token_votes(similarity: np.ndarray, owner: np.ndarray, valid: np.ndarray, n_refs: int,
+                floor: float) -> np.ndarray:
+    """One query's votes: similarity, owner, valid (Nq, k) of each query token's neighbours (their cosine
+    similarity, the reference that owns them, False for padding) -> (n_refs,) float32: per reference, the sum over
+    query tokens of max(0, best similarity to that reference's tokens among the neighbours - floor)."""
+    weight = np.where(valid, np.maximum(similarity - floor, 0), 0).astype(np.float32)
+    token = np.repeat(np.arange(similarity.shape[0]), similarity.shape[1])
+    best: dict[tuple[int, int], float] = {}
+    for t, r, w in zip(token, owner.ravel(), weight.ravel()):
+        if w > best.get((t, r), 0.0):
+            best[(t, r)] = w
+    out = np.zeros(n_refs, np.float32)
+    for (_, r), w in best.items():
+        out[r] += w
+    return out
+
+
+def top_votes(query_ids: Sequence[str], votes: np.ndarray, ref_ids: Sequence[str], n: int) -> pd.DataFrame:
+    """(Q, R) vote scores -> query_id, reference_id, votes: each query's n best-voted references with votes > 0."""
+    rows = []
+    ref_ids = np.asarray(ref_ids)
+    for q, scores in zip(query_ids, votes):
+        best = np.argsort(-scores, kind="stable")[:n]
+        rows += [(q, ref_ids[j], float(scores[j])) for j in best if scores[j] > 0]
+    return pd.DataFrame(rows, columns=["query_id", "reference_id", "votes"])
+
+
+def merge_votes(deep: pd.DataFrame, voted: pd.DataFrame, k: int, candidates: int) -> pd.DataFrame:
+    """The shortlist: per query, its k - candidates best references by descriptor similarity (`deep`: query_id,
+    reference_id, score, best first, deeper than k), then voted references (`voted`: query_id, reference_id,
+    votes, best first) not already in, then the next descriptor ones, up to k. A voted reference keeps its
+    descriptor similarity from `deep`, or the lowest similarity `deep` holds for the query if it is not there
+    (the descriptor found it less similar than every reference it listed)."""
+    out = []
+    by_query = dict(tuple(voted.groupby("query_id", sort=False))) if len(voted) else {}
+    for q, rows in deep.groupby("query_id", sort=False):
+        rows = rows.sort_values("score", ascending=False, kind="stable")
+        score = dict(zip(rows.reference_id, rows.score))
+        chosen = list(rows.reference_id[:max(k - candidates, 0)])
+        extra = by_query.get(q)
+        for r in ([] if extra is None else extra.reference_id):
+            if len(chosen) >= k:
+                break
+            if r not in chosen:
+                chosen.append(r)
+        chosen += [r for r in rows.reference_id if r not in chosen][:k - len(chosen)]
+        floor = float(rows.score.min())
+        out.append(pd.DataFrame({"query_id": q, "reference_id": chosen,
+                                 "score": [score.get(r, floor) for r in chosen]}))
+    if not out:
+        return deep.iloc[:0]
+    merged = pd.concat(out, ignore_index=True)
+    return merged.astype({"score": deep.score.dtype})
+
+
+def settings_dict(settings: TokenRecallSettings) -> dict:
+    return asdict(settings)
+
+
+# ----------------------------------------------------------------------------- tokens of images
+
+
+def reference_tokens(model, paths: dict[str, Path], report, batch_size: int = 64,
+                     amp: bool = True) -> tuple[list[str], np.ndarray]:
+    """(ids, (N, C, Gh, Gw) float16 tokens) of the readable references, read as the pair stage reads them."""
+    import torch
+
+    from pair_vit.pair.scoring import TensorCache, load_side, trunk_tokens
+
+    half = model.half_size
+    images = TensorCache(paths, half, report, capacity=0, load_side=load_side(half))
+    ids, out = [], []
+    todo = list(paths)
+    for start in range(0, len(todo), 256):
+        pixels = {i: images.get(i) for i in todo[start:start + 256]}
+        readable = [i for i, x in pixels.items() if x is not None]
+        if readable:
+            ids += readable
+            out.append(trunk_tokens(model, torch.stack([pixels[i] for i in readable]), batch_size, amp)
+                       .to(torch.float16).numpy())
+    channels, grid = model.trunk.feature_info.channels()[-1], model.grid
+    return ids, (np.concatenate(out) if out else np.zeros((0, channels, *grid), np.float16))
+
+
+def query_rows(model, paths: dict[str, Path], scales: Sequence[int], report, batch_size: int = 64,
+               amp: bool = True) -> dict[str, np.ndarray]:
+    """id -> (Nq, C) float32 unit tokens of each readable query, read whole at each of `scales` x the pair model's
+    half size (Nq = sum of s * s * Gh * Gw), decoded as the pair stage decodes queries."""
+    import torch
+
+    from pair_vit.pair.scoring import TensorCache, load_side, to_uint8, trunk_tokens
+
+    half = model.half_size
+    images = TensorCache(paths, half, report, capacity=0, load_side=max(load_side(half), half[0] * max(scales)))
+    out: dict[str, np.ndarray] = {}
+    todo = list(paths)
+    for start in range(0, len(todo), 64):
+        decoded = {i: images.load(i) for i in todo[start:start + 64]}
+        readable = [i for i, x in decoded.items() if x is not None]
+        if not readable:
+            continue
+        per_scale = [unit_rows(trunk_tokens(model, torch.stack([to_uint8(decoded[i], (half[0] * s, half[1] * s))
+                                                                 for i in readable]), batch_size, amp))
+                     for s in scales]
+        out.update((i, np.concatenate([rows[j] for rows in per_scale])) for j, i in enumerate(readable))
+    return out

@@ -1,0 +1,73 @@
+"""The token recall path (pair_vit.match.token_recall): votes and merges on hand-computed cases, an index of real
+tokens finding a small copy, and rerank.py using it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pair_vit.match import token_recall as tr
+
+
+def test_token_votes_count_each_query_token_once_per_reference():
+    # 2 query tokens, 3 neighbours each: (similarity, owner)
+    similarity = np.array([[0.9, 0.8, 0.4], [0.7, 0.6, 0.55]], np.float32)
+    owner = np.array([[0, 0, 1], [1, 2, 0]])
+    valid = np.array([[True, True, True], [True, True, False]])
+    votes = tr.token_votes(similarity, owner, valid, 3, floor=0.5)
+    # token 0: ref 0 best 0.9 -> 0.4 (its second token there does not vote again), ref 1 0.4 < floor -> 0
+    # token 1: ref 1 0.7 -> 0.2, ref 2 0.6 -> 0.1, ref 0's neighbour is padding
+    np.testing.assert_allclose(votes, [0.4, 0.2, 0.1], atol=1e-6)
+
+
+def test_merge_votes_gives_the_last_places_to_voted_references():
+    deep = pd.DataFrame({"query_id": ["q"] * 5 + ["p"] * 2, "reference_id": ["a", "b", "c", "d", "e", "a", "b"],
+                         "score": [0.9, 0.8, 0.7, 0.6, 0.5, 0.9, 0.1]})
+    voted = pd.DataFrame({"query_id": ["q", "q", "q"], "reference_id": ["a", "z", "d"], "votes": [9.0, 5.0, 1.0]})
+    merged = tr.merge_votes(deep, voted, k=3, candidates=2)
+    q = merged[merged.query_id == "q"]
+    # 1 descriptor place (a), then voted z (not listed: the lowest listed similarity) and d (a is already in)
+    assert q.reference_id.tolist() == ["a", "z", "d"] and q.score.tolist() == [0.9, 0.5, 0.6]
+    p = merged[merged.query_id == "p"]  # no votes: the descriptor's order fills the places
+    assert p.reference_id.tolist() == ["a", "b"]
+    assert tr.merge_votes(deep, voted.iloc[:0], k=3, candidates=0).groupby("query_id").size().to_dict() == \
+        {"p": 2, "q": 3}
+
+
+def test_top_votes_drops_references_without_votes():
+    votes = np.array([[0.0, 2.0, 1.0], [0.0, 0.0, 0.0]], np.float32)
+    top = tr.top_votes(["q", "p"], votes, ["a", "b", "c"], 5)
+    assert top.values.tolist() == [["q", "b", 2.0], ["q", "c", 1.0]]
+
+
+def test_a_small_copy_is_voted_for(tmp_path):
+    """A reference pasted small into a collage of other photos: its tokens vote it first among look-alikes."""
+    from PIL import Image
+
+    import pair_vit
+    from pair_vit import data
+    from pair_vit.match import rerank
+    from pair_vit.match.config import RerankConfig
+
+    demo = sorted(data.list_images(Path(str(pair_vit.demo_dir())) / "skimage").values())
+    refs = {p.stem: p for p in demo}
+    target = refs["chelsea"] if "chelsea" in refs else demo[0]
+    canvas = Image.new("RGB", (480, 480), "white")
+    others = [p for p in demo if p != target][:3]
+    for i, p in enumerate([target, *others]):
+        canvas.paste(Image.open(p).convert("RGB").resize((240, 240)), ((i % 2) * 240, (i // 2) * 240))
+    canvas.save(tmp_path / "collage.jpg")
+    model = rerank.load_pair(RerankConfig())[0].eval()
+    report = data.SkipReport()
+    ids, tokens = tr.reference_tokens(model, refs, report)
+    assert tokens.dtype == np.float16 and tokens.shape[1:] == (112, 10, 10)
+    index = tr.TokenIndex.build(ids, tokens)
+    rows = tr.query_rows(model, {"collage": tmp_path / "collage.jpg"}, (1, 2), report)
+    assert rows["collage"].shape == (100 + 400, 112)
+    votes = index.vote(list(rows.values()), tr.TokenRecallSettings())
+    top4 = {ids[j] for j in np.argsort(-votes[0])[:4]}
+    assert top4 == {p.stem for p in [target, *others]}  # the four pasted photos, none of the other demo photos
+    index.save(tmp_path / "tokens")
+    again = tr.TokenIndex.load(tmp_path / "tokens")
+    np.testing.assert_array_equal(again.vote(list(rows.values()), tr.TokenRecallSettings()), votes)
