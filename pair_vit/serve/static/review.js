@@ -132,11 +132,15 @@ function drawCandidate(n) {
   const canvas = item.querySelector("canvas");
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
-  if (item.thumbnail) ctx.drawImage(item.thumbnail, 0, 0, canvas.width, canvas.height);
+  // the thumbnail keeps the reference's aspect: fit it in the square, centred; dots are fractions of it
+  const t = item.thumbnail, side = canvas.width;
+  const scale = t ? side / Math.max(t.width, t.height) : 1;
+  const w = t ? t.width * scale : side, h = t ? t.height * scale : side;
+  const x = (side - w) / 2, y = (canvas.height - h) / 2;
+  if (t) ctx.drawImage(t, x, y, w, h);
   if (n !== state.selected) return;
   const c = correspondencesOf(state.found.matches[n]);
-  if (c && c.found) c.found.pairs.forEach((pair) => dot(ctx, pair[2] * canvas.width, pair[3] * canvas.height, pair,
-                                                        canvas.width));
+  if (c && c.found) c.found.pairs.forEach((pair) => dot(ctx, x + pair[2] * w, y + pair[3] * h, pair, side));
 }
 
 // A pair's colour is a function of where its token sits in the query (hue across, lightness down), and the
