@@ -59,8 +59,9 @@ class RerankConfig:
     # docs/results.md#token-recall)
     token_recall: int = opt(0, "places of the k-candidate shortlist given to references the query's local "
                                "pair-ViT tokens vote for (0: the descriptor shortlist alone)")
-    token_factory: str = opt("Flat", "faiss index_factory string for the reference-token index (--token-recall): "
-                                     "Flat, or IVF{nlist},PQ{m} for large collections")
+    token_factory: str = opt("auto", "faiss index_factory string for the reference-token index (--token-recall): "
+                                     "auto (Flat up to 250,000 tokens, then IVF), Flat, IVF{nlist},Flat, "
+                                     "IVF{nlist},PQ{m}")
     # 64: at the top of both models' throughput on a 2-core CPU; larger batches fall out of cache and run
     # slower (measured: docs/results.md#batch-size)
     batch_size: int = opt(64, "images (descriptor) or pairs (pair ViT) per forward pass")

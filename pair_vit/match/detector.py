@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 
 # RerankConfig's options, with rerank's help and defaults: the detector scores as scripts/rerank.py does.
 SHARED = ("checkpoint", "descriptor_checkpoint", "views", "subview_penalty", "reference_views",
-          "reference_penalty", "pair_views", "verify", "calibration", "factory", "nprobe", "batch_size",
-          "chunk_queries", "amp", "num_workers")
+          "reference_penalty", "token_recall", "token_factory", "pair_views", "verify", "calibration", "factory",
+          "nprobe", "batch_size", "chunk_queries", "amp", "num_workers")
 FIXED = ("reference_views", "factory")  # properties of a saved collection: `load` refuses other values
 DetectorConfig = dataclasses.make_dataclass("DetectorConfig", [
     ("shortlist", int, option_like(RerankConfig, "k")),
@@ -103,6 +103,7 @@ class CopyDetector:
         self.index: ix.ReferenceIndex | None = None
         self.store = ReferenceStore()
         self.folder: Path | None = None
+        self._tokens = None  # token_recall.TokenIndex over the stored tokens, built at the first match that votes
 
     def _load_models(self) -> None:
         from pair_vit.descriptor.model import load_descriptor
@@ -189,6 +190,8 @@ class CopyDetector:
                 kept.extend(position[r.ref_id] for r in chunk)
             if kept:
                 self._index_add([ids[j] for j in kept], vectors, starts, kept)
+                if self._tokens is not None:  # a built token index takes the new references' stored tokens
+                    self._tokens.add([ids[j] for j in kept], self._stored_tokens([ids[j] for j in kept]))
         except BaseException:
             self.store.remove([ids[j] for j in kept])
             raise
@@ -230,6 +233,7 @@ class CopyDetector:
                   np.repeat(np.arange(len(kept)), [len(vectors[i]) for i in kept]))
         self.store.remove(ids)
         self.index = index
+        self._tokens = None  # rebuilt from the store at the next match that votes
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -341,8 +345,31 @@ class CopyDetector:
         workers = s.num_workers if len(paths) >= QUERY_WORKERS_FROM else 0
         q_ids, q_vectors, owner = ix.embed_folder(self.descriptor, paths, s.batch_size, s.amp, s.views, report,
                                                   workers, progress=s.progress and "queries")
-        return ix.search_views(self.index, q_ids, q_vectors, owner, s.shortlist, subview_penalty=s.subview_penalty,
-                               reference_penalty=s.reference_penalty)
+        depth = s.shortlist * rerank.TOKEN_DEPTH if s.token_recall else s.shortlist
+        found = ix.search_views(self.index, q_ids, q_vectors, owner, depth, subview_penalty=s.subview_penalty,
+                                reference_penalty=s.reference_penalty)
+        if not s.token_recall or not len(found):
+            return found
+        from pair_vit.match import token_recall as tr
+
+        settings = tr.TokenRecallSettings(candidates=s.token_recall, factory=s.token_factory)
+        rows = tr.query_rows(self.pair, {q: paths[q] for q in q_ids}, settings.scales, report, s.batch_size, s.amp)
+        return tr.vote_shortlist(self._token_index(settings), found, rows, s.shortlist, settings)
+
+    def _token_index(self, settings):
+        """The token-recall index of every reference, built from the stored tokens at the first match that votes."""
+        from pair_vit.match import token_recall as tr
+
+        if self._tokens is None:
+            if self.pair_layout.kind != "tokens":
+                raise ValueError("token recall needs a pair model with a token trunk (the hybrid pair ViT)")
+            self._tokens = tr.index_from(list(self.index.ids), self._stored_tokens, settings.factory, STORE_CHUNK)
+        return self._tokens
+
+    def _stored_tokens(self, ids: list[str]) -> np.ndarray:
+        """(N, C, Gh, Gw) float16 stored tokens of `ids`, in order."""
+        stored = self.store.pair_inputs(ids, self.pair_layout)
+        return np.stack([stored[i].numpy() for i in ids])
 
     def _rescore(self, shortlist: pd.DataFrame, paths: dict[str, Path], report: data.SkipReport) -> pd.DataFrame:
         """rerank.pair_stage and verify_stage without their caches, the references read from the store."""

@@ -228,9 +228,9 @@ def token_shortlist(procs: Processes, deep: pd.DataFrame, queries: dict[str, Pat
     ids = [i for part_ids, _ in parts for i in part_ids]
     index = tr.TokenIndex.build(ids, np.concatenate([t for _, t in parts]), settings.factory)
     rows = tr.query_rows(model, queries, settings.scales, report, cfg.batch_size, cfg.amp)
-    voted = tr.top_votes(list(rows), index.vote(list(rows.values()), settings), index.ids, settings.candidates + cfg.k)
+    shortlist = tr.vote_shortlist(index, deep, rows, cfg.k, settings)
     stats["token_recall_seconds"] = time.perf_counter() - start
-    return tr.merge_votes(deep, voted, cfg.k, settings.candidates)
+    return shortlist
 
 
 def _pair_fingerprint(cfg: RerankConfig) -> str:

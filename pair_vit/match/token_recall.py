@@ -21,7 +21,7 @@ what a million references need (2.4 GB). Settings and measurements: docs/results
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +31,15 @@ import pandas as pd
 from pair_vit.io import atomic_path, write_text_atomic
 
 META_FILE = "token_index.json"
+FLAT_ROWS = 250_000  # "auto": an exact (Flat) index up to this many reference tokens (2,500 references at 160 px)
+TRAIN_PER_LIST = 64  # "auto" IVF: training tokens per inverted list
+NPROBE = 16  # inverted lists an IVF token index visits per query token
+
+
+def auto_factory(rows: int) -> str:
+    """The faiss factory "auto" picks for `rows` reference tokens: exact up to FLAT_ROWS, then an inverted file of
+    4 sqrt(rows) lists (4,000 at a million tokens), searched in NPROBE lists (costs: docs/results.md#token-recall)."""
+    return "Flat" if rows <= FLAT_ROWS else f"IVF{int(4 * np.sqrt(rows))},Flat"
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,7 @@ class TokenRecallSettings:
     neighbours: int = 3  # reference tokens each query token looks up
     floor: float = 0.5  # a neighbour votes (similarity - floor) if its cosine similarity is above this
     scales: tuple[int, ...] = (1, 2)  # the query is read at these multiples of the pair model's half size
-    factory: str = "Flat"  # faiss index of reference tokens (inner product on unit vectors)
+    factory: str = "auto"  # faiss index of reference tokens (inner product on unit vectors): see auto_factory
 
 
 class TokenIndex:
@@ -51,18 +60,35 @@ class TokenIndex:
         self.index, self.ids, self.owner, self.fingerprint = index, list(ids), owner.astype(np.int64), fingerprint
 
     @classmethod
-    def build(cls, ids: Sequence[str], tokens: np.ndarray, factory: str = "Flat",
-              fingerprint: str = "") -> "TokenIndex":
-        """ids (N,), tokens (N, C, Gh, Gw) of each reference (any float dtype) -> the index of N * Gh * Gw rows."""
+    def build(cls, ids: Sequence[str], tokens: np.ndarray, factory: str = "auto", fingerprint: str = "",
+              total_rows: int = 0, nprobe: int = NPROBE) -> "TokenIndex":
+        """ids (N,), tokens (N, C, Gh, Gw) of each reference (any float dtype) -> the index of N * Gh * Gw rows.
+        factory "auto": `auto_factory(total_rows or N * Gh * Gw)`; an IVF index is trained on these tokens (at
+        most TRAIN_PER_LIST per list, a seeded sample), so pass enough of them when more are `add`ed later."""
         import faiss
 
-        rows = unit_rows(tokens)  # (N, Gh * Gw, C)
-        flat = rows.reshape(-1, rows.shape[2])
+        flat = unit_rows(tokens).reshape(-1, tokens.shape[1])
+        if factory == "auto":
+            factory = auto_factory(total_rows or len(flat))
         index = faiss.index_factory(flat.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
-            index.train(flat)
-        index.add(flat)
-        return cls(index, list(ids), np.repeat(np.arange(len(ids)), rows.shape[1]), fingerprint)
+            lists = faiss.extract_index_ivf(index).nlist
+            sample = np.random.default_rng(0).permutation(len(flat))[:TRAIN_PER_LIST * lists]
+            index.train(flat[np.sort(sample)])
+            faiss.extract_index_ivf(index).nprobe = nprobe
+        out = cls(index, [], np.zeros(0, np.int64), fingerprint)
+        out._add_rows(list(ids), flat, tokens.shape[2] * tokens.shape[3])
+        return out
+
+    def add(self, ids: Sequence[str], tokens: np.ndarray) -> None:
+        """Add references: ids (N,), tokens (N, C, Gh, Gw)."""
+        if len(ids):
+            self._add_rows(list(ids), unit_rows(tokens).reshape(-1, tokens.shape[1]), tokens.shape[2] * tokens.shape[3])
+
+    def _add_rows(self, ids: list[str], flat: np.ndarray, per_ref: int) -> None:
+        self.index.add(flat)
+        self.owner = np.concatenate([self.owner, np.repeat(np.arange(len(self.ids), len(self.ids) + len(ids)), per_ref)])
+        self.ids += ids
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -160,8 +186,24 @@ def merge_votes(deep: pd.DataFrame, voted: pd.DataFrame, k: int, candidates: int
     return merged.astype({"score": deep.score.dtype})
 
 
-def settings_dict(settings: TokenRecallSettings) -> dict:
-    return asdict(settings)
+def index_from(ids: list[str], read, factory: str = "auto", chunk: int = 256) -> TokenIndex:
+    """The index of references `ids`, their tokens read `chunk` at a time by `read(ids) -> (N, C, Gh, Gw)` (e.g. from
+    a saved collection), the first part large enough to train an "auto" IVF index of up to 4,096 lists."""
+    first = read(ids[:1])
+    per_ref = first.shape[2] * first.shape[3]
+    head = max(chunk, -(-TRAIN_PER_LIST * 4096 // per_ref))
+    index = TokenIndex.build(ids[:head], read(ids[:head]), factory, total_rows=len(ids) * per_ref)
+    for start in range(head, len(ids), chunk):
+        index.add(ids[start:start + chunk], read(ids[start:start + chunk]))
+    return index
+
+
+def vote_shortlist(index: TokenIndex, deep: pd.DataFrame, rows: dict[str, np.ndarray], k: int,
+                   settings: TokenRecallSettings) -> pd.DataFrame:
+    """The k-candidate shortlist of the queries in `rows` (id -> (Nq, C) unit tokens, `query_rows`) from their
+    `deep` descriptor lists, the last `settings.candidates` places given to the best-voted references."""
+    voted = top_votes(list(rows), index.vote(list(rows.values()), settings), index.ids, settings.candidates + k)
+    return merge_votes(deep, voted, k, settings.candidates)
 
 
 # ----------------------------------------------------------------------------- tokens of images

@@ -291,3 +291,20 @@ def test_exported_lazily_from_pair_vit():
     code = "import sys, pair_vit; assert 'torch' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-1000:]
+
+
+def test_token_recall_gives_rerank_py_numbers_and_follows_add_and_remove(photos, tmp_path):
+    refs, queries = copy_to(tmp_path / "refs", photos), edited(photos, tmp_path / "queries")
+    sub = rerank.run(rerank.RerankConfig(queries=str(queries), references=str(refs), output=str(tmp_path / "s.csv"),
+                                         k=4, token_recall=2, progress=False, **FAST))
+    detector = CopyDetector(shortlist=4, token_recall=2, **FAST)
+    detector.add(refs)
+    found = detector.match(queries, k=4)
+    pd.testing.assert_frame_equal(found[["query_id", "reference_id"]], sub[["query_id", "reference_id"]])
+    np.testing.assert_allclose(found.score, sub.score, rtol=0, atol=1e-6)
+    assert len(detector._tokens) == len(photos)
+    detector.remove(photos[8].stem)  # chelsea: its crop can no longer find it, through either path
+    assert photos[8].stem not in set(detector.match(queries / "cat_crop.jpg", k=4).reference_id)
+    detector.add(photos[8])
+    assert len(detector._tokens) == len(photos) and detector._tokens.ids[-1] == photos[8].stem
+    assert detector.match(queries / "cat_crop.jpg", k=1).reference_id.iloc[0] == photos[8].stem

@@ -71,3 +71,19 @@ def test_a_small_copy_is_voted_for(tmp_path):
     index.save(tmp_path / "tokens")
     again = tr.TokenIndex.load(tmp_path / "tokens")
     np.testing.assert_array_equal(again.vote(list(rows.values()), tr.TokenRecallSettings()), votes)
+
+
+def test_auto_factory_and_an_index_grown_by_add_votes_as_one_built_at_once():
+    assert tr.auto_factory(1000) == "Flat" and tr.auto_factory(1_000_000) == "IVF4000,Flat"
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(12, 8, 2, 3)).astype(np.float16)
+    ids = [f"r{i}" for i in range(12)]
+    queries = [tr.unit_rows(tokens[[3]] + rng.normal(scale=0.1, size=(1, 8, 2, 3)))[0]]
+    whole = tr.TokenIndex.build(ids, tokens, "Flat")
+    grown = tr.index_from(ids, lambda part: tokens[[ids.index(i) for i in part]], "Flat", chunk=5)
+    grown.add(["extra"], tokens[[0]])
+    settings = tr.TokenRecallSettings(neighbours=2, floor=0.0)
+    np.testing.assert_allclose(grown.vote(queries, settings)[:, :12], whole.vote(queries, settings), atol=1e-6)
+    assert np.argmax(whole.vote(queries, settings)[0]) == 3 and grown.ids[-1] == "extra"
+    ivf = tr.TokenIndex.build(ids, tokens, "IVF2,Flat", nprobe=2)  # every list visited: the exact votes
+    np.testing.assert_allclose(ivf.vote(queries, settings), whole.vote(queries, settings), atol=1e-5)
