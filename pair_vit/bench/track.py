@@ -50,6 +50,9 @@ class TrackBenchConfig:
     stretch_n: list = opt([_N.stretch_n], "stretch: nearest training descriptors")
     stretch_factor: list = opt([_N.stretch_factor], "stretch: factor")
     k: int = opt(scorer.DEFAULT_K, "nearest references kept per query")
+    family_k: list = opt([20, 50], "per edit family, recall@k of each normalisation's first setting (k beyond the "
+                                   "track's 10: how deep a shortlist built from the vector would need to be; [] "
+                                   "to skip; needs the benchmark's edits.csv)")
     batch_size: int = opt(64, "images per descriptor forward pass")
     amp: bool = opt(True, "bf16 autocast where the hardware has native bf16 (--no-amp: float32)")
     num_workers: int = opt(1, "image-decoding worker processes")
@@ -130,6 +133,40 @@ def _descriptor_rows(cfg: TrackBenchConfig, sides: dict[str, export.Descriptors]
     return rows
 
 
+def sides_of(store: DescriptorCache, images: dict, bench_name: str, method: str) -> dict[str, export.Descriptors]:
+    return {side: store.get(f"{bench_name}-{side}", found, method) for side, found in images.items()}
+
+
+def _family_table(cfg: TrackBenchConfig, sides: dict[str, export.Descriptors], negatives, gt: pd.DataFrame,
+                  out: Path, command: str) -> pd.DataFrame | None:
+    """OUT/track_families.{csv,md}: per edit family, recall@k (cfg.family_k) of the descriptor under each
+    normalisation's first setting, searched as the track searches (exact, Euclidean), k nearest kept."""
+    from pair_vit import metrics
+    from pair_vit.bench.signals import edits_of
+
+    edits = edits_of(cfg.benchmark)
+    if edits is None:
+        return None
+    q, r, ks = sides["query"], sides["reference"], [int(k) for k in cfg.family_k]
+    columns = {}
+    for method in cfg.normalise:
+        s = settings_grid(cfg, method)[0]
+        vq, vr = norm.normalise(q.vectors, r.vectors, negatives, s) if method != "none" else (q.vectors, r.vectors)
+        pred = scorer.track_predictions(export.Descriptors(q.ids, vq), export.Descriptors(r.ids, vr), max(ks))
+        every = metrics.recall_at_k(pred, gt, ks)
+        table = metrics.per_edit_breakdown(pred, gt, edits, ks).set_index("edit")
+        for k in ks:
+            columns[f"{method} R@{k}"] = pd.concat([pd.Series({"all": every[k]}), table[f"recall_at_{k}"]])
+        columns["n"] = pd.concat([pd.Series({"all": int(gt.query_id.nunique())}), table["n_queries"]])
+    families = pd.DataFrame(columns).rename_axis("edit").reset_index()
+    families = families[["edit", "n"] + [c for c in families.columns if c not in ("edit", "n")]]
+    with atomic_path(out / "track_families.csv") as tmp:
+        families.to_csv(tmp, index=False)
+    write_text_atomic(out / "track_families.md", f"### Descriptor track per edit family on {cfg.benchmark}\n\n"
+                      f"`{command}`\n\n{families.to_markdown(index=False, floatfmt='.3f')}\n")
+    return families
+
+
 def run(cfg: TrackBenchConfig, command: str | None = None) -> pd.DataFrame:
     """Write OUT/track.{csv,md}: one row per descriptor, normalisation and setting; return the table."""
     command = command or "python " + " ".join(sys.argv)
@@ -148,7 +185,7 @@ def run(cfg: TrackBenchConfig, command: str | None = None) -> pd.DataFrame:
     bench_name = Path(cfg.benchmark).resolve().name
     rows = []
     for method in cfg.methods:
-        sides = {side: store.get(f"{bench_name}-{side}", found, method) for side, found in images.items()}
+        sides = sides_of(store, images, bench_name, method)
         if method != "descriptor":
             rows.append(_row(method, None, lambda s=sides: scorer.track_predictions(s["query"], s["reference"], cfg.k),
                              gt, cfg.k, 0))
@@ -163,6 +200,8 @@ def run(cfg: TrackBenchConfig, command: str | None = None) -> pd.DataFrame:
             keep = [i for i, t in enumerate(train.ids) if t not in exclude][: cfg.train_max or None]
             negatives = train.vectors[keep]
         rows += _descriptor_rows(cfg, sides, negatives, gt)
+    if "descriptor" in cfg.methods and cfg.family_k:
+        _family_table(cfg, sides_of(store, images, bench_name, "descriptor"), negatives, gt, out, command)
     table = pd.DataFrame(rows)
     with atomic_path(out / "track.csv") as tmp:
         table.to_csv(tmp, index=False)

@@ -44,6 +44,14 @@ def test_a_row_per_setting_and_vectors_described_once(bench_dir, checkpoint, tra
     assert table.uAP.between(0, 1).all() and (table["n_train"][2:] == 12).all()
     assert len(pd.read_csv(tmp_path / "track.csv")) == 10 and "Descriptor track" in (tmp_path / "track.md").read_text()
     assert len(list((tmp_path / "cache").glob("*.h5"))) == 5  # queries, references x 2 methods, training photos
+    # per edit family, recall@20/50 of each normalisation's first setting (a shortlist's depth, beyond the track's k)
+    families = pd.read_csv(tmp_path / "track_families.csv")
+    assert families.edit.iloc[0] == "all" and families.n.iloc[0] == 3  # the 3 copies among the 6 queries
+    assert list(families.columns[2:5]) == ["none R@20", "none R@50", "subtract R@20"]
+    assert (families["none R@20"] == 1.0).all()  # 10 references: every source is in the 20 nearest
+    edits = pd.read_csv(bench_dir / "edits.csv").dropna(subset=["reference_id"])
+    chains = {e for chain in edits.edits for e in chain.split(";")}
+    assert set(families.edit[1:]) == chains
 
     def fail(*args, **kwargs):
         raise AssertionError("described again")
