@@ -45,6 +45,8 @@ class ServeBenchConfig:
     k: int = opt(5, "rows per query asked of /match")
     out: str = opt("runs/bench_serve", "folder for the collection, the photos, results.json, results.md")
     seed: int = opt(0, "seed for the queried photos and their edits")
+    server_args: list = opt([], "extra `pair-vit serve` options, e.g. --server-args=--token-recall=3 (per-match settings "
+                                "override the collection's)")
     progress: bool = opt(True, "progress bars while building")
 
 
@@ -157,8 +159,9 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
     built_s = time.perf_counter() - start
     truth = edited_queries(photos, cfg.n_queries, out / "queries", cfg.seed)
     queries = [out / "queries" / f"{q}.jpg" for q in sorted(truth)]
-    with ServerProcess(folder, ["--log-level", "warning", "--no-progress"], log=out / "server.log") as server:
-        results = {"references": len(photos), "build_s": built_s, "machine": machine(),
+    with ServerProcess(folder, ["--log-level", "warning", "--no-progress", *cfg.server_args],
+                       log=out / "server.log") as server:
+        results = {"references": len(photos), "build_s": built_s, "machine": machine(), "server_args": cfg.server_args,
                    "latency": latency(server.url, queries, truth, cfg.k),
                    "throughput": throughput(server.url, queries, cfg.clients, cfg.throughput_queries, cfg.k),
                    "batching": batching(server.url, queries, cfg.clients, cfg.k),
@@ -174,7 +177,8 @@ def report(r: dict[str, Any]) -> str:
     mib = 1024 ** 2
     lat, tp, mem = r["latency"], r["throughput"], r["server_memory"]
     return "\n".join([
-        f"pair-vit serve, {r['references']} references; {r['machine']['cpu']} ({r['machine']['cores']} cores, "
+        f"pair-vit serve {' '.join(r.get('server_args', []))}".rstrip() + f", {r['references']} references; "
+        f"{r['machine']['cpu']} ({r['machine']['cores']} cores, "
         f"native bf16: {r['machine']['native_bf16']}), load average before {r['machine']['load_average']}, "
         f"after {r['machine']['load_average_after']}",
         "", "| figure | value |", "|---|---|",
