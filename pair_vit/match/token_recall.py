@@ -115,11 +115,16 @@ class TokenIndex:
         write_text_atomic(folder / META_FILE, json.dumps({"ids": self.ids, "fingerprint": self.fingerprint}))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "TokenIndex":
+    def load(cls, folder: str | Path, expected_fingerprint: str | None = None) -> "TokenIndex":
+        """The index saved in `folder`; a ValueError if it was built from another pair model's tokens than
+        `expected_fingerprint` (the tokens of other weights do not match a query's)."""
         import faiss
 
         folder = Path(folder)
         meta = json.loads((folder / META_FILE).read_text())
+        if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
+            raise ValueError(f"the token index in {folder} holds tokens of pair weights {meta['fingerprint']!r}, not "
+                             f"{expected_fingerprint!r}: build it again from the references")
         return cls(faiss.read_index(str(folder / "tokens.faiss")), meta["ids"], np.load(folder / "owner.npy"),
                    meta["fingerprint"])
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from pair_vit.match import token_recall as tr
 
@@ -62,14 +63,16 @@ def test_a_small_copy_is_voted_for(tmp_path):
     report = data.SkipReport()
     ids, tokens = tr.reference_tokens(model, refs, report)
     assert tokens.dtype == np.float16 and tokens.shape[1:] == (112, 10, 10)
-    index = tr.TokenIndex.build(ids, tokens)
+    index = tr.TokenIndex.build(ids, tokens, fingerprint="shipped")
     rows = tr.query_rows(model, {"collage": tmp_path / "collage.jpg"}, (1, 2), report)
     assert rows["collage"].shape == (100 + 400, 112)
     votes = index.vote(list(rows.values()), tr.TokenRecallSettings())
     top4 = {ids[j] for j in np.argsort(-votes[0])[:4]}
     assert top4 == {p.stem for p in [target, *others]}  # the four pasted photos, none of the other demo photos
     index.save(tmp_path / "tokens")
-    again = tr.TokenIndex.load(tmp_path / "tokens")
+    again = tr.TokenIndex.load(tmp_path / "tokens", expected_fingerprint="shipped")
+    with pytest.raises(ValueError, match="build it again"):
+        tr.TokenIndex.load(tmp_path / "tokens", expected_fingerprint="other weights")
     np.testing.assert_array_equal(again.vote(list(rows.values()), tr.TokenRecallSettings()), votes)
 
 
