@@ -55,9 +55,9 @@ class RerankConfig:
                                          "crops of a reference), grid (14)", choices=REFERENCE_VIEWS)
     reference_penalty: float = opt(REFERENCE_SUBVIEW_PENALTY, "subtracted from the similarity of every "
                                    "reference view but the whole image before views are merged")
-    # a second recall path for copies filling a small part of the query (pair_vit.match.token_recall; measured:
-    # docs/results.md#token-recall)
-    token_recall: int = opt(0, "places of the k-candidate shortlist given to references the query's local "
+    # a second recall path for copies filling a small part of the query (pair_vit.match.token_recall). 3: chosen on
+    # the tuning benchmark (shortlist R@20 0.948 -> 0.960, default uAP 0.935 -> 0.943; docs/results.md#token-recall)
+    token_recall: int = opt(3, "places of the k-candidate shortlist given to references the query's local "
                                "pair-ViT tokens vote for (0: the descriptor shortlist alone)")
     token_factory: str = opt("auto", "faiss index_factory string for the reference-token index (--token-recall): "
                                      "auto (Flat up to 250,000 tokens, then IVF), Flat, IVF{nlist},Flat, "

@@ -176,9 +176,9 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
            "model": ix.model_fingerprint(model),
            **{k: getattr(cfg, k) for k in ("k", "views", "factory", "nprobe", "background", "background_n",
                                            "background_beta", "amp", "subview_penalty", "reference_views",
-                                           "reference_penalty", "token_recall", "token_factory")}}
-    if cfg.token_recall:
-        key["pair"] = _pair_fingerprint(cfg)
+                                           "reference_penalty")}}
+    if cfg.token_recall and not cfg.descriptor_only:
+        key.update(token_recall=cfg.token_recall, token_factory=cfg.token_factory, pair=_pair_fingerprint(cfg))
     folder = cache.stage_dir(work_folder(cfg) / "shortlist", key, procs)
     if (folder / "shortlist.csv").is_file():
         cache.load_report(folder / "skipped.json", report)
@@ -199,11 +199,12 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
         model, procs.share(queries), cfg.batch_size, cfg.amp, cfg.views, report, cfg.num_workers,
         progress=cfg.progress and procs.is_main and "queries")
     stats["embedded"] += len(queries)
-    depth = cfg.k * TOKEN_DEPTH if cfg.token_recall else cfg.k  # voted references keep a similarity if listed
+    voting = cfg.token_recall and not cfg.descriptor_only  # --descriptor-only: the descriptor alone, no pair model
+    depth = cfg.k * TOKEN_DEPTH if voting else cfg.k  # voted references keep their similarity if listed
     mine = ix.search_views(index, q_ids, q_vectors, owner, depth, background, cfg.background_n,
                            cfg.background_beta, progress=cfg.progress and procs.is_main and "search",
                            subview_penalty=cfg.subview_penalty, reference_penalty=cfg.reference_penalty)
-    if cfg.token_recall:
+    if voting:
         mine = token_shortlist(procs, mine, {q: queries[q] for q in q_ids}, references, report, cfg, stats)
     # Every process takes the shortlist as written to the cache, so a fresh and a resumed run continue from
     # exactly the same values.

@@ -164,11 +164,13 @@ def top_votes(query_ids: Sequence[str], votes: np.ndarray, ref_ids: Sequence[str
 
 
 def merge_votes(deep: pd.DataFrame, voted: pd.DataFrame, k: int, candidates: int) -> pd.DataFrame:
-    """The shortlist: per query, its k - candidates best references by descriptor similarity (`deep`: query_id,
-    reference_id, score, best first, deeper than k), then voted references (`voted`: query_id, reference_id,
-    votes, best first) not already in, then the next descriptor ones, up to k. A voted reference keeps its
-    descriptor similarity from `deep`, or the lowest similarity `deep` holds for the query if it is not there
-    (the descriptor found it less similar than every reference it listed)."""
+    """The shortlist: per query, its k - n best references by descriptor similarity (`deep`: query_id,
+    reference_id, score, deeper than k), n = min(candidates, k // 2) so the descriptor keeps at least half the
+    places, then voted references (`voted`: query_id, reference_id, votes, best first) not already in, then the
+    next descriptor ones, up to k. A voted reference keeps its descriptor similarity from `deep`, or the lowest
+    similarity `deep` holds for the query if it is not there (the descriptor found it less similar than every
+    reference it listed)."""
+    candidates = min(candidates, k // 2)
     out = []
     by_query = dict(tuple(voted.groupby("query_id", sort=False))) if len(voted) else {}
     for q, rows in deep.groupby("query_id", sort=False):

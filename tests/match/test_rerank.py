@@ -352,8 +352,10 @@ def test_token_recall_brings_a_voted_reference_into_the_shortlist(folders, check
     from pair_vit.match import token_recall as tr
 
     queries, refs, originals = folders
-    plain = rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint, k=2))
-    voted = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1))
+    plain = rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint, k=2, token_recall=0))
+    assert plain.equals(rerank.run(config(queries, refs, tmp_path / "c.csv", checkpoint, k=2)))  # descriptor-only
+    voted = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1,
+                              descriptor_only=False, verify="none", calibration="none"))
     assert voted.groupby("query_id").size().to_dict() == {"Q1": 2, "Q4": 2}
     for query, source in zip(("Q1", "Q4"), originals):
         mine = voted[voted.query_id == query]
@@ -363,5 +365,6 @@ def test_token_recall_brings_a_voted_reference_into_the_shortlist(folders, check
     # its own cache: changing token_recall does not reuse the plain shortlist, and a rerun reuses its own
     calls = []
     monkeypatch.setattr(tr, "query_rows", lambda *a, **k: calls.append(1))
-    again = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1, overwrite=True))
+    again = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1, overwrite=True,
+                              descriptor_only=False, verify="none", calibration="none"))
     assert not calls and again.equals(voted)

@@ -26,13 +26,15 @@ def test_merge_votes_gives_the_last_places_to_voted_references():
     deep = pd.DataFrame({"query_id": ["q"] * 5 + ["p"] * 2, "reference_id": ["a", "b", "c", "d", "e", "a", "b"],
                          "score": [0.9, 0.8, 0.7, 0.6, 0.5, 0.9, 0.1]})
     voted = pd.DataFrame({"query_id": ["q", "q", "q"], "reference_id": ["a", "z", "d"], "votes": [9.0, 5.0, 1.0]})
-    merged = tr.merge_votes(deep, voted, k=3, candidates=2)
+    merged = tr.merge_votes(deep, voted, k=4, candidates=2)
     q = merged[merged.query_id == "q"]
-    # 1 descriptor place (a), then voted z (not listed: the lowest listed similarity) and d (a is already in)
-    assert q.reference_id.tolist() == ["a", "z", "d"] and q.score.tolist() == [0.9, 0.5, 0.6]
+    # 2 descriptor places (a, b), then voted z (not listed: the lowest listed similarity) and d (a is already in)
+    assert q.reference_id.tolist() == ["a", "b", "z", "d"] and q.score.tolist() == [0.9, 0.8, 0.5, 0.6]
+    # the descriptor keeps at least half the places: k=3 gives one to a vote
+    assert tr.merge_votes(deep, voted, k=3, candidates=2).reference_id.tolist()[:3] == ["a", "b", "z"]
     p = merged[merged.query_id == "p"]  # no votes: the descriptor's order fills the places
     assert p.reference_id.tolist() == ["a", "b"]
-    assert tr.merge_votes(deep, voted.iloc[:0], k=3, candidates=0).groupby("query_id").size().to_dict() == \
+    assert tr.merge_votes(deep, voted.iloc[:0], k=3, candidates=2).groupby("query_id").size().to_dict() == \
         {"p": 2, "q": 3}
 
 
