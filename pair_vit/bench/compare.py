@@ -24,7 +24,8 @@ import pandas as pd
 from pair_vit import baselines, data
 from pair_vit import metrics as evaluation
 from pair_vit.match.calibration import similarity_margin
-from pair_vit.config import opt, save_config
+from pair_vit.config import opt, option_like, save_config
+from pair_vit.match.config import RerankConfig
 from pair_vit.io import atomic_path, write_text_atomic
 from pair_vit.descriptor.views import REFERENCE_VIEWS, VIEWS
 
@@ -57,8 +58,7 @@ class CompareConfig:
                                          "descriptor rows with full references are added for comparison",
                                choices=REFERENCE_VIEWS)
     rerank_k: int = opt(20, "shortlist size the pair ViT rescores")
-    token_recall: int = opt(0, "places of the reranker's shortlist given to references the query's local tokens "
-                               "vote for (as rerank.py --token-recall)")
+    token_recall: int = option_like(RerankConfig, "token_recall")
     verify: str = opt("sift", "local verification of the reranker's pairs (rows with and without it): sift or "
                               "none", choices=("sift", "none"))
     smoke: str = opt("", "folder of real copy pairs (e.g. ../shared/data/smoke), one sub-folder each: a "
