@@ -22,7 +22,7 @@ from pair_vit.match.calibration import Calibration, cross_fit, fit, separability
 # Options that mean the same thing here as in scripts/rerank.py: the calibration is fitted on the scores the
 # matcher produces with these settings, so they are RerankConfig's own fields (help, default, choices).
 SHARED = ("k", "checkpoint", "descriptor_checkpoint", "pair_views", "views", "subview_penalty", "reference_views",
-          "reference_penalty", "verify")
+          "reference_penalty", "token_recall", "verify")
 
 CalibrateConfig = dataclasses.make_dataclass("CalibrateConfig", [
     ("benchmark", str, opt("", "benchmark folder written by scripts/make_benchmark.py (photos NOT trained on)")),
@@ -61,7 +61,8 @@ def run(cfg: CalibrateConfig) -> Calibration:
     cal.threshold_p90 = honest.threshold_at_p90
     cal.fitted_on = (f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, views {cfg.views} (sub-view penalty "
                      f"{cfg.subview_penalty:g}), reference views {cfg.reference_views} (penalty "
-                     f"{cfg.reference_penalty:g}), pair views {list(cfg.pair_views)}, verify {cfg.verify}")
+                     f"{cfg.reference_penalty:g}), token recall {cfg.token_recall}, pair views {list(cfg.pair_views)}, "
+                     f"verify {cfg.verify}")
     write_text_atomic(out, json.dumps(cal.to_dict(), indent=2) + "\n")
     print(f"{separability(logit, sim, labels, inliers)}\n"
           f"sigmoid(logit): uAP {plain.uap:.4f}, recall@P90 {plain.recall_at_p90:.4f}\n"
