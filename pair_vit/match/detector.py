@@ -319,15 +319,18 @@ class CopyDetector:
 
         Returns query_id, reference_id, score (calibrated, higher = more likely a copy), is_copy (score >=
         `threshold`, default `self.threshold`): each query's best `k` candidates (at most `shortlist`) by score.
-        Unreadable queries get no rows: `result.attrs["skipped"]` maps their ids to the reason."""
+        Unreadable queries get no rows: `result.attrs["skipped"]` maps their ids to the reason;
+        `result.attrs["seconds"]` gives the wall time of each stage (descriptor shortlist, token recall, pair ViT,
+        SIFT verification)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if not len(self):
             raise ValueError("the collection is empty: add references before matching")
         report = data.SkipReport()
+        seconds = dict.fromkeys(("shortlist", "token_recall", "pair", "verify"), 0.0)  # per call: matches may overlap
         with image_inputs(queries, ids, report, what="query") as given:
-            shortlist = self._shortlist(given.paths, report)
-            rows = self._rescore(shortlist, given.paths, report) if len(shortlist) else None
+            shortlist = self._shortlist(given.paths, report, seconds)
+            rows = self._rescore(shortlist, given.paths, report, seconds) if len(shortlist) else None
         if rows is None or not len(rows):
             result = ix.empty_submission().astype({"score": np.float64})
         else:
@@ -337,32 +340,35 @@ class CopyDetector:
         result = result.assign(is_copy=result.score.to_numpy() >= threshold)
         result.attrs["skipped"] = given.skipped(report)
         result.attrs["threshold"] = threshold
+        result.attrs["seconds"] = seconds
         return result
 
-    def _shortlist(self, paths: dict[str, Path], report: data.SkipReport) -> pd.DataFrame:
+    def _shortlist(self, paths: dict[str, Path], report: data.SkipReport, seconds: dict) -> pd.DataFrame:
         """rerank.shortlist_stage without its cache: the best `shortlist` references of every query."""
-        s = self.settings
+        s, start = self.settings, time.perf_counter()
         workers = s.num_workers if len(paths) >= QUERY_WORKERS_FROM else 0
         q_ids, q_vectors, owner = ix.embed_folder(self.descriptor, paths, s.batch_size, s.amp, s.views, report,
                                                   workers, progress=s.progress and "queries")
         depth = s.shortlist * rerank.TOKEN_DEPTH if s.token_recall else s.shortlist
         found = ix.search_views(self.index, q_ids, q_vectors, owner, depth, subview_penalty=s.subview_penalty,
                                 reference_penalty=s.reference_penalty)
-        if not s.token_recall or not len(found):
-            return found
+        seconds["shortlist"] = time.perf_counter() - start
+        if not s.token_recall or not len(found) or self.pair_layout.kind != "tokens":  # pixel pair ViT: no tokens
+            return found if not s.token_recall else tr_merge(found, s.shortlist)
         from pair_vit.match import token_recall as tr
 
+        start = time.perf_counter()
         settings = tr.TokenRecallSettings(candidates=s.token_recall, factory=s.token_factory)
         rows = tr.query_rows(self.pair, {q: paths[q] for q in q_ids}, settings.scales, report, s.batch_size, s.amp)
-        return tr.vote_shortlist(self._token_index(settings), found, rows, s.shortlist, settings)
+        found = tr.vote_shortlist(self._token_index(settings), found, rows, s.shortlist, settings)
+        seconds["token_recall"] = time.perf_counter() - start
+        return found
 
     def _token_index(self, settings):
         """The token-recall index of every reference, built from the stored tokens at the first match that votes."""
         from pair_vit.match import token_recall as tr
 
         if self._tokens is None:
-            if self.pair_layout.kind != "tokens":
-                raise ValueError("token recall needs a pair model with a token trunk (the hybrid pair ViT)")
             self._tokens = tr.index_from(list(self.index.ids), self._stored_tokens, settings.factory, STORE_CHUNK)
         return self._tokens
 
@@ -371,12 +377,13 @@ class CopyDetector:
         stored = self.store.pair_inputs(ids, self.pair_layout)
         return np.stack([stored[i].numpy() for i in ids])
 
-    def _rescore(self, shortlist: pd.DataFrame, paths: dict[str, Path], report: data.SkipReport) -> pd.DataFrame:
+    def _rescore(self, shortlist: pd.DataFrame, paths: dict[str, Path], report: data.SkipReport,
+                 seconds: dict) -> pd.DataFrame:
         """rerank.pair_stage and verify_stage without their caches, the references read from the store."""
         from pair_vit.match.verify import QUERY_VARIANTS, KeypointCache, verify_chunk
         from pair_vit.pair.scoring import TensorCache, expand_views, load_side, score_chunk
 
-        s, half = self.settings, self.pair.half_size
+        s, half, start = self.settings, self.pair.half_size, time.perf_counter()
         views = expand_views(s.pair_views)
         queries = TensorCache(paths, half, report, capacity=0, load_side=load_side(half))
 
@@ -386,12 +393,15 @@ class CopyDetector:
         empty = shortlist.iloc[:0].assign(**{f"logit_{v}": [] for v in views}, logit=[])
         scored, _ = run_chunks(shortlist, lambda part: score_chunk(self.pair, part, views, queries, references(part),
                                                                    s.batch_size, s.amp), empty, None, s.chunk_queries)
+        seconds["pair"] = time.perf_counter() - start
         if s.verify == "none":
             return scored
+        start = time.perf_counter()
         query_kps = KeypointCache(paths, report, capacity=max(1, s.chunk_queries), variants=QUERY_VARIANTS)
         empty = shortlist.iloc[:0][["query_id", "reference_id"]].assign(inliers=np.zeros(0, np.int64))
         verified, _ = run_chunks(shortlist, lambda part: verify_chunk(
             part, query_kps, self.store.keypoints(part.reference_id.unique())), empty, None, s.chunk_queries)
+        seconds["verify"] = time.perf_counter() - start
         return scored.merge(verified, on=["query_id", "reference_id"], how="inner", validate="one_to_one")
 
 
@@ -407,6 +417,13 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def tr_merge(deep: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The descriptor's k best of a deeper list (token recall asked for, but nothing to vote with)."""
+    from pair_vit.match.token_recall import merge_votes
+
+    return merge_votes(deep, deep.iloc[:0], k, 0)
 
 
 def _check_settings(s: Any) -> None:

@@ -225,6 +225,9 @@ def token_shortlist(procs: Processes, deep: pd.DataFrame, queries: dict[str, Pat
     start = time.perf_counter()
     settings = tr.TokenRecallSettings(candidates=cfg.token_recall, factory=cfg.token_factory)
     model = load_pair(cfg)[0].eval()
+    if not hasattr(model, "forward_tokens"):  # the pixel pair ViT has no token trunk to vote with
+        log.warning("token recall skipped: pair checkpoint %s has no token trunk", cfg.checkpoint or SHIPPED_WEIGHTS)
+        return tr.merge_votes(deep, deep.iloc[:0], cfg.k, 0)
     parts = procs.gather([tr.reference_tokens(model, procs.share(references), report, cfg.batch_size, cfg.amp)])
     ids = [i for part_ids, _ in parts for i in part_ids]
     index = tr.TokenIndex.build(ids, np.concatenate([t for _, t in parts]), settings.factory)
