@@ -186,6 +186,8 @@ def run(cfg: TrackBenchConfig, command: str | None = None) -> pd.DataFrame:
     rows = []
     for method in cfg.methods:
         sides = sides_of(store, images, bench_name, method)
+        if method == "descriptor":
+            descriptor_sides = sides  # the per-family table reuses them
         if method != "descriptor":
             rows.append(_row(method, None, lambda s=sides: scorer.track_predictions(s["query"], s["reference"], cfg.k),
                              gt, cfg.k, 0))
@@ -201,7 +203,7 @@ def run(cfg: TrackBenchConfig, command: str | None = None) -> pd.DataFrame:
             negatives = train.vectors[keep]
         rows += _descriptor_rows(cfg, sides, negatives, gt)
     if "descriptor" in cfg.methods and cfg.family_k:
-        _family_table(cfg, sides_of(store, images, bench_name, "descriptor"), negatives, gt, out, command)
+        _family_table(cfg, descriptor_sides, negatives, gt, out, command)
     table = pd.DataFrame(rows)
     with atomic_path(out / "track.csv") as tmp:
         table.to_csv(tmp, index=False)

@@ -349,12 +349,13 @@ class CopyDetector:
         workers = s.num_workers if len(paths) >= QUERY_WORKERS_FROM else 0
         q_ids, q_vectors, owner = ix.embed_folder(self.descriptor, paths, s.batch_size, s.amp, s.views, report,
                                                   workers, progress=s.progress and "queries")
-        depth = s.shortlist * rerank.TOKEN_DEPTH if s.token_recall else s.shortlist
+        voting = s.token_recall and self.pair_layout.kind == "tokens"  # the pixel pair ViT has no tokens to vote
+        depth = s.shortlist * rerank.TOKEN_DEPTH if voting else s.shortlist
         found = ix.search_views(self.index, q_ids, q_vectors, owner, depth, subview_penalty=s.subview_penalty,
                                 reference_penalty=s.reference_penalty)
         seconds["shortlist"] = time.perf_counter() - start
-        if not s.token_recall or not len(found) or self.pair_layout.kind != "tokens":  # pixel pair ViT: no tokens
-            return found if not s.token_recall else tr_merge(found, s.shortlist)
+        if not voting or not len(found):
+            return found
         from pair_vit.match import token_recall as tr
 
         start = time.perf_counter()
@@ -417,13 +418,6 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def tr_merge(deep: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The descriptor's k best of a deeper list (token recall asked for, but nothing to vote with)."""
-    from pair_vit.match.token_recall import merge_votes
-
-    return merge_votes(deep, deep.iloc[:0], k, 0)
 
 
 def _check_settings(s: Any) -> None:

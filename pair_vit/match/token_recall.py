@@ -110,8 +110,8 @@ class TokenIndex:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "tokens.faiss") as tmp:
             faiss.write_index(self.index, str(tmp))
-        np.save(folder / "owner.npy.tmp.npy", self.owner)
-        (folder / "owner.npy.tmp.npy").replace(folder / "owner.npy")
+        with atomic_path(folder / "owner.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, self.owner)
         write_text_atomic(folder / META_FILE, json.dumps({"ids": self.ids, "fingerprint": self.fingerprint}))
 
     @classmethod
