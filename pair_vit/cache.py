@@ -120,19 +120,31 @@ class ImageCache:
     `pair_vit.match.verify.KeypointCache` (SIFT keypoints)."""
 
     def __init__(self, paths: Mapping[str, Path], report: data.SkipReport, capacity: int = 20000,
-                 load_side: int = 256):
+                 load_side: int = 256, keep_decoded: int = 0):
         self.paths, self.report = paths, report
         self.capacity, self.load_side = capacity, load_side
         self._cache: OrderedDict[str, Any] = OrderedDict()
+        # decoded images `load` keeps for stages that read the same images again (least recently used dropped)
+        self.keep_decoded = keep_decoded
+        self._decoded: OrderedDict[str, Any] = OrderedDict()
 
     def load(self, image_id: str):
-        """The decoded image (longest side at most `load_side`), or None if it cannot be read."""
+        """The decoded image (longest side at most `load_side`), or None if it cannot be read (reported once
+        while it is kept)."""
+        if image_id in self._decoded:
+            self._decoded.move_to_end(image_id)
+            return self._decoded[image_id]
         try:
-            return data.load_image(self.paths[image_id], max_side=self.load_side)
+            image = data.load_image(self.paths[image_id], max_side=self.load_side)
         except data.ImageLoadError as err:
             self.report.add(err.path, err.reason)
             log.warning("skipping image %s: %s", err.path, err.reason)
-            return None
+            image = None
+        if self.keep_decoded:
+            self._decoded[image_id] = image
+            if len(self._decoded) > self.keep_decoded:
+                self._decoded.popitem(last=False)
+        return image
 
     def convert(self, image) -> Any:
         """What the cache keeps of a decoded PIL image."""

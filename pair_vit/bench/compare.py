@@ -59,6 +59,8 @@ class CompareConfig:
                                choices=REFERENCE_VIEWS)
     rerank_k: int = opt(20, "shortlist size the pair ViT rescores")
     token_recall: int = option_like(RerankConfig, "token_recall")
+    token_factory: str = option_like(RerankConfig, "token_factory")
+    token_nprobe: int = option_like(RerankConfig, "token_nprobe")
     verify: str = opt("sift", "local verification of the reranker's pairs (rows with and without it): sift or "
                               "none", choices=("sift", "none"))
     smoke: str = opt("", "folder of real copy pairs (e.g. ../shared/data/smoke), one sub-folder each: a "
@@ -191,6 +193,7 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
                                checkpoint=cfg.pair_checkpoint, descriptor_checkpoint=cfg.descriptor_checkpoint,
                                pair_views=list(cfg.pair_views), views=cfg.shortlist_views, amp=cfg.amp,
                                reference_views=cfg.reference_views, token_recall=cfg.token_recall,
+                               token_factory=cfg.token_factory, token_nprobe=cfg.token_nprobe,
                                verify=cfg.verify, calibration="none", progress=False)
     found, seconds = _timed(lambda: rerank.match(rcfg))
     stored = found.stored_calibration
@@ -198,6 +201,7 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
     shortlist_sec = seconds - stats.get("pair_seconds", 0.0) - stats.get("verify_seconds", 0.0)
     verify_sec = stats.get("verify_seconds", 0.0)
     inliers = scored.inliers.to_numpy() if "inliers" in scored else None
+    votes = scored.votes.to_numpy() if "votes" in scored else None
     labels = evaluation.label_predictions(scored, gt)
     n_views = len([c for c in scored.columns if c.startswith("logit_")])
     local = ["logit_local"] if "logit_local" in scored else []  # a localizing model: every view set reads it too
@@ -206,12 +210,13 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
         sec = shortlist_sec + stats.get("pair_seconds", 0.0) * len(views) / max(n_views, 1)
         sub = scored[["query_id", "reference_id"]].assign(score=Calibration().apply(logit, scored.score))
         rows.append(("rerank", name, sub, sec))
-        if stored.fuses and (inliers is not None or not stored.needs_inliers):
-            fused = stored.apply(logit, scored.score, scored.query_id.to_numpy(), inliers)
+        if stored.fuses and (inliers is not None or not stored.needs_inliers) and (
+                votes is not None or not stored.needs_votes):
+            fused = stored.apply(logit, scored.score, scored.query_id.to_numpy(), inliers, votes)
             sec_fused = sec + (verify_sec if stored.needs_inliers else 0.0)
             rows.append(("rerank", name + " +fused", sub.assign(score=fused), sec_fused))
         if labels.any() and not labels.all():
-            rows += _cross_fitted(name, sub, logit, scored, labels, inliers, (shortlist_sec, sec, verify_sec))
+            rows += _cross_fitted(name, sub, logit, scored, labels, inliers, votes, (shortlist_sec, sec, verify_sec))
     _signal_table(cfg, scored, gt, rows, out)
     return rows
 
@@ -222,7 +227,8 @@ def _signal_table(cfg: CompareConfig, scored: pd.DataFrame, gt: pd.DataFrame, ro
 
     edits = edits_of(cfg.benchmark)
     fused = {variant: sub.score.to_numpy() for _, variant, sub, _ in rows
-             if variant in ("full +fused (cross-fit)", "full +fused +verified (cross-fit)")}
+             if variant in ("full +fused (cross-fit)", "full +fused +verified (cross-fit)",
+                            "full +fused +verified +votes (cross-fit)")}
     if edits is not None and len(gt):
         table = signal_ranks(scored, gt, edits, {k.replace("full +", ""): v for k, v in fused.items()})
         _write(table, out, "signal_rank1", f"Rank-1 among shortlisted true copies, per signal and edit family "
@@ -230,9 +236,10 @@ def _signal_table(cfg: CompareConfig, scored: pd.DataFrame, gt: pd.DataFrame, ro
 
 
 def _cross_fitted(name: str, sub: pd.DataFrame, logit: np.ndarray, scored: pd.DataFrame, labels: np.ndarray,
-                  inliers: np.ndarray | None, seconds: tuple[float, float, float]) -> list[Result]:
-    """Honest (2-fold cross-fitted) fused rows: pair logit + descriptor (+ SIFT inliers; and without the logit).
-    `seconds`: (shortlist, shortlist + pair scoring, verification) wall time."""
+                  inliers: np.ndarray | None, votes: np.ndarray | None,
+                  seconds: tuple[float, float, float]) -> list[Result]:
+    """Honest (2-fold cross-fitted) fused rows: pair logit + descriptor (+ SIFT inliers; and without the logit;
+    + token-recall votes). `seconds`: (shortlist, shortlist + pair scoring, verification) wall time."""
     from pair_vit.match.calibration import cross_fit
 
     shortlist_sec, sec, verify_sec = seconds
@@ -245,6 +252,10 @@ def _cross_fitted(name: str, sub: pd.DataFrame, logit: np.ndarray, scored: pd.Da
             alone = cross_fit(q, np.zeros(len(q)), sim, labels, inliers=inliers)
             rows.append(("rerank", "no pair ViT: descriptor +verified (cross-fit)",
                          sub.assign(score=alone), shortlist_sec + verify_sec))
+        if votes is not None:  # the default calibration's features when token recall is on
+            voted = cross_fit(q, logit, sim, labels, inliers=inliers, votes=votes)
+            rows.append(("rerank", name + " +fused +verified +votes (cross-fit)", sub.assign(score=voted),
+                         sec + verify_sec))
     return rows
 
 

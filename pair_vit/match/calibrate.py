@@ -29,6 +29,9 @@ CalibrateConfig = dataclasses.make_dataclass("CalibrateConfig", [
     *options_of(rerank.RerankConfig, SHARED),
     ("fuse", bool, opt(True, "fuse the descriptor similarity into the score (--no-fuse: logit only)")),
     ("margin", bool, opt(True, "with --fuse, also the similarity margin to the query's best other candidate")),
+    # off: the votes gained nothing once the logit, similarity and inliers are in (tune 0.943 -> 0.939, dev 0.893 ->
+    # 0.892 cross-fitted; docs/results.md#token-recall)
+    ("votes", bool, opt(False, "with --fuse and --token-recall, also the token-recall votes and their margin")),
     ("out", str, opt("", "calibration JSON to write (default: BENCHMARK/calibration.json)")),
     ("write_checkpoint", bool, opt(False, "also store the fit in the pair-ViT checkpoint (extra['calibration']), "
                                           "where scripts/rerank.py picks it up by default")),
@@ -54,17 +57,18 @@ def run(cfg: CalibrateConfig) -> Calibration:
     labels = evaluation.label_predictions(rows, gt)
     logit, sim, queries = rows.logit.to_numpy(), rows.score.to_numpy(), rows.query_id.to_numpy()
     inliers = rows.inliers.to_numpy() if cfg.verify != "none" else None
+    votes = rows.votes.to_numpy() if cfg.votes and cfg.fuse and "votes" in rows else None
     honest = evaluation.evaluate(rows[["query_id", "reference_id"]].assign(
-        score=cross_fit(queries, logit, sim, labels, cfg.fuse, margin=cfg.margin, inliers=inliers)), gt)
+        score=cross_fit(queries, logit, sim, labels, cfg.fuse, margin=cfg.margin, inliers=inliers, votes=votes)), gt)
     plain = evaluation.evaluate(rows[["query_id", "reference_id"]].assign(score=Calibration().apply(logit, sim)), gt)
-    cal = fit(logit, sim, labels, cfg.fuse, queries if cfg.margin else None, inliers)
+    cal = fit(logit, sim, labels, cfg.fuse, queries if cfg.margin else None, inliers, votes)
     cal.threshold_p90 = honest.threshold_at_p90
     cal.fitted_on = (f"{cfg.benchmark}: {cal.fitted_on}; k={cfg.k}, views {cfg.views} (sub-view penalty "
                      f"{cfg.subview_penalty:g}), reference views {cfg.reference_views} (penalty "
                      f"{cfg.reference_penalty:g}), token recall {cfg.token_recall}, pair views {list(cfg.pair_views)}, "
                      f"verify {cfg.verify}")
     write_text_atomic(out, json.dumps(cal.to_dict(), indent=2) + "\n")
-    print(f"{separability(logit, sim, labels, inliers)}\n"
+    print(f"{separability(logit, sim, labels, inliers, votes)}\n"
           f"sigmoid(logit): uAP {plain.uap:.4f}, recall@P90 {plain.recall_at_p90:.4f}\n"
           f"calibrated{' + fused' if cfg.fuse else ''} (2-fold cross-fit): uAP {honest.uap:.4f}, recall@P90 "
           f"{honest.recall_at_p90:.4f}, threshold@P90 {honest.threshold_at_p90}\n"

@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 
 # RerankConfig's options, with rerank's help and defaults: the detector scores as scripts/rerank.py does.
 SHARED = ("checkpoint", "descriptor_checkpoint", "views", "subview_penalty", "reference_views",
-          "reference_penalty", "token_recall", "token_factory", "pair_views", "verify", "calibration", "factory",
-          "nprobe", "batch_size", "chunk_queries", "amp", "num_workers")
+          "reference_penalty", "token_recall", "token_factory", "token_nprobe", "pair_views", "verify",
+          "calibration", "factory", "nprobe", "batch_size", "chunk_queries", "amp", "num_workers")
 FIXED = ("reference_views", "factory")  # properties of a saved collection: `load` refuses other values
 DetectorConfig = dataclasses.make_dataclass("DetectorConfig", [
     ("shortlist", int, option_like(RerankConfig, "k")),
@@ -67,6 +67,9 @@ DetectorConfig.__module__ = __name__
 
 FORMAT = 2  # 1: the store kept reference pixels (pair_vit.match.store)
 QUERY_WORKERS_FROM = 64  # fewer queries are decoded in this process (a worker costs more than it saves)
+# A match of up to this many queries decodes each once for token recall and the pair stage, and the pair stage
+# reuses token recall's trunk passes (~0.4 MB a query kept for the call); a larger one reads them again.
+SHARED_READINGS = 256
 
 
 @dataclasses.dataclass
@@ -112,9 +115,7 @@ class CopyDetector:
         path = rerank.resolve_checkpoint(cfg)
         self.descriptor = load_descriptor(path)[0].eval()
         self.pair, _, self.calibration = rerank.load_pair(cfg)
-        if self.calibration.needs_inliers and self.settings.verify == "none":
-            raise ValueError("the score calibration uses SIFT verification (RANSAC inliers): drop verify='none', or "
-                             "pass calibration='none' or a calibration fitted with scripts/calibrate.py --verify none")
+        rerank.check_calibration(self.calibration, self.settings.verify, self.settings.token_recall)
         pair_path = Path(cfg.checkpoint) if cfg.checkpoint else rerank.SHIPPED_WEIGHTS
         self.weights = {"descriptor": {"checkpoint": str(path.resolve()),
                                        "fingerprint": ix.model_fingerprint(self.descriptor)},
@@ -329,8 +330,10 @@ class CopyDetector:
         report = data.SkipReport()
         seconds = dict.fromkeys(("shortlist", "token_recall", "pair", "verify"), 0.0)  # per call: matches may overlap
         with image_inputs(queries, ids, report, what="query") as given:
-            shortlist = self._shortlist(given.paths, report, seconds)
-            rows = self._rescore(shortlist, given.paths, report, seconds) if len(shortlist) else None
+            images = self._query_images(given.paths, report)
+            readings: dict = {}  # query id -> {(h, w): trunk tokens}, from token recall for the pair stage
+            shortlist = self._shortlist(given.paths, report, seconds, images, readings)
+            rows = self._rescore(shortlist, report, seconds, images, readings) if len(shortlist) else None
         if rows is None or not len(rows):
             result = ix.empty_submission().astype({"score": np.float64})
         else:
@@ -343,8 +346,18 @@ class CopyDetector:
         result.attrs["seconds"] = seconds
         return result
 
-    def _shortlist(self, paths: dict[str, Path], report: data.SkipReport, seconds: dict) -> pd.DataFrame:
-        """rerank.shortlist_stage without its cache: the best `shortlist` references of every query."""
+    def _query_images(self, paths: dict[str, Path], report: data.SkipReport):
+        """The pair stage's decoder of these queries (`TensorCache`), which token recall decodes with too."""
+        from pair_vit.pair.scoring import TensorCache, load_side
+
+        half = self.pair.half_size
+        return TensorCache(paths, half, report, capacity=0, load_side=load_side(half),
+                           keep_decoded=len(paths) if len(paths) <= SHARED_READINGS else 0)
+
+    def _shortlist(self, paths: dict[str, Path], report: data.SkipReport, seconds: dict, images,
+                   readings: dict) -> pd.DataFrame:
+        """rerank.shortlist_stage without its cache: the best `shortlist` references of every query. With token
+        recall, the queries' trunk tokens go into `readings` when the call is small enough to keep them."""
         s, start = self.settings, time.perf_counter()
         workers = s.num_workers if len(paths) >= QUERY_WORKERS_FROM else 0
         q_ids, q_vectors, owner = ix.embed_folder(self.descriptor, paths, s.batch_size, s.amp, s.views, report,
@@ -359,9 +372,12 @@ class CopyDetector:
         from pair_vit.match import token_recall as tr
 
         start = time.perf_counter()
-        settings = tr.TokenRecallSettings(candidates=s.token_recall, factory=s.token_factory)
-        rows = tr.query_rows(self.pair, {q: paths[q] for q in q_ids}, settings.scales, report, s.batch_size, s.amp)
-        found = tr.vote_shortlist(self._token_index(settings), found, rows, s.shortlist, settings)
+        settings = tr.TokenRecallSettings(candidates=s.token_recall, factory=s.token_factory, nprobe=s.token_nprobe)
+        read = tr.query_readings(self.pair, {q: paths[q] for q in q_ids}, settings.scales, report, s.batch_size,
+                                 s.amp, images if images.keep_decoded else None)
+        found = tr.vote_shortlist(self._token_index(settings), found, tr.rows_of(read), s.shortlist, settings)
+        if images.keep_decoded:
+            readings.update(read)
         seconds["token_recall"] = time.perf_counter() - start
         return found
 
@@ -378,22 +394,24 @@ class CopyDetector:
         stored = self.store.pair_inputs(ids, self.pair_layout)
         return np.stack([stored[i].numpy() for i in ids])
 
-    def _rescore(self, shortlist: pd.DataFrame, paths: dict[str, Path], report: data.SkipReport,
-                 seconds: dict) -> pd.DataFrame:
-        """rerank.pair_stage and verify_stage without their caches, the references read from the store."""
+    def _rescore(self, shortlist: pd.DataFrame, report: data.SkipReport, seconds: dict, queries,
+                 readings: dict) -> pd.DataFrame:
+        """rerank.pair_stage and verify_stage without their caches, the references read from the store, the
+        queries decoded by `queries` (a `TensorCache`) and their trunk tokens taken from `readings` where there."""
         from pair_vit.match.verify import QUERY_VARIANTS, KeypointCache, verify_chunk
-        from pair_vit.pair.scoring import TensorCache, expand_views, load_side, score_chunk
+        from pair_vit.pair.scoring import expand_views, score_chunk
 
-        s, half, start = self.settings, self.pair.half_size, time.perf_counter()
+        s, start = self.settings, time.perf_counter()
         views = expand_views(s.pair_views)
-        queries = TensorCache(paths, half, report, capacity=0, load_side=load_side(half))
+        paths = queries.paths
 
         def references(part: pd.DataFrame):  # id -> stored tokens (a hybrid model) or pixels
             return self.store.pair_inputs(part.reference_id.unique(), self.pair_layout)
 
         empty = shortlist.iloc[:0].assign(**{f"logit_{v}": [] for v in views}, logit=[])
         scored, _ = run_chunks(shortlist, lambda part: score_chunk(self.pair, part, views, queries, references(part),
-                                                                   s.batch_size, s.amp), empty, None, s.chunk_queries)
+                                                                   s.batch_size, s.amp, readings),
+                               empty, None, s.chunk_queries)
         seconds["pair"] = time.perf_counter() - start
         if s.verify == "none":
             return scored

@@ -52,13 +52,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = DESCRIPTOR_WEIGHTS
 TOKEN_DEPTH = 4  # with token recall, the descriptor lists 4k references: the similarities voted ones keep
+PAIR_COLUMNS = ("query_id", "reference_id", "score")  # the shortlist columns the pair and verify stages read
 
 
 @dataclass
 class Matches:
-    """What `match` found: `rows` holds query_id, reference_id, score (descriptor similarity) and, when
-    reranked, logit_<view> per pair view, logit (their max) and, when verified, inliers; `calibration` turns
-    them into the submission score."""
+    """What `match` found: `rows` holds query_id, reference_id, score (descriptor similarity), with token recall
+    votes and, when reranked, logit_<view> per pair view, logit (their max) and, when verified, inliers;
+    `calibration` turns them into the submission score."""
 
     rows: pd.DataFrame
     report: data.SkipReport
@@ -71,9 +72,9 @@ class Matches:
         """query_id, reference_id, score: calibrated pair score, or the similarity for a shortlist."""
         sub = self.rows[["query_id", "reference_id", "score"]].copy()
         if self.calibration is not None and "logit" in self.rows:
-            inliers = self.rows.inliers.to_numpy() if "inliers" in self.rows else None
+            column = lambda name: self.rows[name].to_numpy() if name in self.rows else None  # noqa: E731
             sub["score"] = self.calibration.apply(self.rows.logit.to_numpy(), self.rows.score.to_numpy(),
-                                                  self.rows.query_id.to_numpy(), inliers)
+                                                  self.rows.query_id.to_numpy(), column("inliers"), column("votes"))
         elif self.margin:
             sub["score"] = sub.score + similarity_margin(sub.query_id.to_numpy(), sub.score.to_numpy())
         return sub
@@ -178,7 +179,9 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
                                            "background_beta", "amp", "subview_penalty", "reference_views",
                                            "reference_penalty")}}
     if cfg.token_recall and not cfg.descriptor_only:
-        key.update(token_recall=cfg.token_recall, token_factory=cfg.token_factory, pair=_pair_fingerprint(cfg))
+        key.update(token_recall=cfg.token_recall, token_factory=cfg.token_factory, token_nprobe=cfg.token_nprobe,
+                   pair=_pair_fingerprint(cfg),
+                   columns="votes")  # shortlists cached before the votes column are made again
     folder = cache.stage_dir(work_folder(cfg) / "shortlist", key, procs)
     if (folder / "shortlist.csv").is_file():
         cache.load_report(folder / "skipped.json", report)
@@ -219,11 +222,12 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
 def token_shortlist(procs: Processes, deep: pd.DataFrame, queries: dict[str, Path], references: dict[str, Path],
                     report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
     """This process's queries' k-candidate shortlists from their `deep` descriptor lists, the last
-    `cfg.token_recall` places given to the references their local tokens vote for (`pair_vit.match.token_recall`)."""
+    `cfg.token_recall` places given to the references their local tokens vote for (`pair_vit.match.token_recall`),
+    with every candidate's votes."""
     from pair_vit.match import token_recall as tr
 
     start = time.perf_counter()
-    settings = tr.TokenRecallSettings(candidates=cfg.token_recall, factory=cfg.token_factory)
+    settings = tr.TokenRecallSettings(candidates=cfg.token_recall, factory=cfg.token_factory, nprobe=cfg.token_nprobe)
     model = load_pair(cfg)[0].eval()
     if not hasattr(model, "forward_tokens"):  # the pixel pair ViT has no token trunk to vote with
         log.warning("token recall skipped: pair checkpoint %s has no token trunk", cfg.checkpoint or SHIPPED_WEIGHTS)
@@ -275,6 +279,7 @@ def pair_stage(procs: Processes, model, shortlist: pd.DataFrame, queries: dict[s
                references: dict[str, Path], report: data.SkipReport, cfg: RerankConfig,
                stats: dict[str, float]) -> pd.DataFrame:
     """Pair-ViT logits for every shortlisted pair (cached chunk by chunk in the work folder)."""
+    shortlist = shortlist[list(PAIR_COLUMNS)]  # the votes are the calibration's, not the pair model's input
     key = {"shortlist": cache.digest(shortlist.to_csv(index=False)),
            "model": ix.model_fingerprint(model), "views": expand_views(cfg.pair_views),
            # what the model reads besides its weights: the same weights localizing or not score differently
@@ -295,6 +300,7 @@ def pair_stage(procs: Processes, model, shortlist: pd.DataFrame, queries: dict[s
 def verify_stage(procs: Processes, shortlist: pd.DataFrame, queries: dict[str, Path], references: dict[str, Path],
                  report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
     """SIFT RANSAC inliers of every shortlisted pair: query_id, reference_id, inliers (cached chunk by chunk)."""
+    shortlist = shortlist[list(PAIR_COLUMNS)]
     key = {"shortlist": cache.digest(shortlist.to_csv(index=False)),
            "verify": cfg.verify, "method": VERIFY_METHOD, "chunk_queries": cfg.chunk_queries}
     folder = cache.stage_dir(work_folder(cfg) / "verify", key, procs)
@@ -320,9 +326,8 @@ def match(cfg: RerankConfig, load_model: Callable[[Path], Any] | None = None,
     checkpoint = resolve_checkpoint(cfg)
     report, stats = data.SkipReport(), {"queries": len(queries), "references": len(references)}
     pair = None if cfg.descriptor_only else load_pair(cfg)  # refuse a wrong checkpoint before any long work
-    if pair is not None and pair[2].needs_inliers and cfg.verify == "none":
-        raise ValueError("the score calibration uses SIFT verification (RANSAC inliers): drop --verify none, or "
-                         "pass --calibration none or a calibration fitted with scripts/calibrate.py --verify none")
+    if pair is not None:
+        check_calibration(pair[2], cfg.verify, cfg.token_recall)
     if not queries:
         log.warning("no query images in %s: writing a header-only submission", cfg.queries)
         return Matches(ix.empty_submission(), report, pair[2] if pair else None, stats,
@@ -336,10 +341,23 @@ def match(cfg: RerankConfig, load_model: Callable[[Path], Any] | None = None,
     if pair is None:
         return Matches(rows, report, None, stats, margin=cfg.margin)
     scored = pair_stage(procs, pair[0].to(procs.device), rows, queries, references, report, cfg, stats)
+    if "votes" in rows:
+        scored = scored.merge(rows[["query_id", "reference_id", "votes"]], on=["query_id", "reference_id"],
+                              how="left", validate="one_to_one")
     if cfg.verify != "none":
         verified = verify_stage(procs, rows, queries, references, report, cfg, stats)
         scored = scored.merge(verified, on=["query_id", "reference_id"], how="inner", validate="one_to_one")
     return Matches(scored, report, pair[2], stats, stored_calibration=stored_calibration(pair[1]))
+
+
+def check_calibration(calibration: Calibration, verify: str, token_recall: int) -> None:
+    """Refuse settings that do not produce a feature the score calibration weighs."""
+    if calibration.needs_inliers and verify == "none":
+        raise ValueError("the score calibration uses SIFT verification (RANSAC inliers): drop --verify none, or "
+                         "pass --calibration none or a calibration fitted with scripts/calibrate.py --verify none")
+    if calibration.needs_votes and not token_recall:
+        raise ValueError("the score calibration uses token-recall votes: drop --token-recall 0, or pass "
+                         "--calibration none or a calibration fitted with scripts/calibrate.py --token-recall 0")
 
 
 def finalise(submission: pd.DataFrame, max_per_query: int) -> pd.DataFrame:

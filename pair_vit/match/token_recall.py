@@ -23,12 +23,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
 
 from pair_vit.io import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 META_FILE = "token_index.json"
 FLAT_ROWS = 250_000  # "auto": an exact (Flat) index up to this many reference tokens (2,500 references at 160 px)
@@ -51,6 +54,7 @@ class TokenRecallSettings:
     floor: float = 0.5  # a neighbour votes (similarity - floor) if its cosine similarity is above this
     scales: tuple[int, ...] = (1, 2)  # the query is read at these multiples of the pair model's half size
     factory: str = "auto"  # faiss index of reference tokens (inner product on unit vectors): see auto_factory
+    nprobe: int = NPROBE  # inverted lists an IVF index visits per query token (set at each vote)
 
 
 class TokenIndex:
@@ -96,7 +100,12 @@ class TokenIndex:
     def vote(self, query_tokens: list[np.ndarray], settings: TokenRecallSettings) -> np.ndarray:
         """query_tokens: per query, (Nq, C) unit tokens (`unit_rows` of each scale, concatenated) -> (Q, N) float32
         vote scores (higher = more of the query found in that reference; 0: no vote)."""
+        import faiss
+
         k = min(settings.neighbours, self.index.ntotal)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            ivf.nprobe = settings.nprobe
         out = np.zeros((len(query_tokens), len(self.ids)), np.float32)
         for q, tokens in enumerate(query_tokens):
             sim, rows = self.index.search(np.ascontiguousarray(tokens, np.float32), k)  # (Nq, k)
@@ -141,15 +150,14 @@ def token_votes(similarity: np.ndarray, owner: np.ndarray, valid: np.ndarray, n_
     """One query's votes: similarity, owner, valid (Nq, k) of each query token's neighbours (their cosine
     similarity, the reference that owns them, False for padding) -> (n_refs,) float32: per reference, the sum over
     query tokens of max(0, best similarity to that reference's tokens among the neighbours - floor)."""
-    weight = np.where(valid, np.maximum(similarity - floor, 0), 0).astype(np.float32)
-    token = np.repeat(np.arange(similarity.shape[0]), similarity.shape[1])
-    best: dict[tuple[int, int], float] = {}
-    for t, r, w in zip(token, owner.ravel(), weight.ravel()):
-        if w > best.get((t, r), 0.0):
-            best[(t, r)] = w
+    weight = np.where(valid, np.maximum(similarity - floor, 0), 0).astype(np.float32).ravel()
+    token = np.repeat(np.arange(similarity.shape[0], dtype=np.int64), similarity.shape[1])
+    key = token * n_refs + owner.ravel().astype(np.int64)  # one (query token, reference) pair per key
+    pairs, slot = np.unique(key, return_inverse=True)
+    best = np.zeros(len(pairs), np.float32)
+    np.maximum.at(best, slot.ravel(), weight)  # a query token votes once per reference: its best neighbour there
     out = np.zeros(n_refs, np.float32)
-    for (_, r), w in best.items():
-        out[r] += w
+    np.add.at(out, pairs % n_refs, best)
     return out
 
 
@@ -208,9 +216,22 @@ def index_from(ids: list[str], read, factory: str = "auto", chunk: int = 256) ->
 def vote_shortlist(index: TokenIndex, deep: pd.DataFrame, rows: dict[str, np.ndarray], k: int,
                    settings: TokenRecallSettings) -> pd.DataFrame:
     """The k-candidate shortlist of the queries in `rows` (id -> (Nq, C) unit tokens, `query_rows`) from their
-    `deep` descriptor lists, the last `settings.candidates` places given to the best-voted references."""
-    voted = top_votes(list(rows), index.vote(list(rows.values()), settings), index.ids, settings.candidates + k)
-    return merge_votes(deep, voted, k, settings.candidates)
+    `deep` descriptor lists, the last `settings.candidates` places given to the best-voted references.
+
+    Columns: query_id, reference_id, score (descriptor similarity), votes (every candidate's vote score, 0 where
+    none of the query's tokens voted for it: a calibration feature, `pair_vit.match.calibration`). A query
+    without tokens (unreadable here) keeps its descriptor list with votes 0."""
+    votes = index.vote(list(rows.values()), settings)
+    voted = top_votes(list(rows), votes, index.ids, settings.candidates + k)
+    merged = merge_votes(deep, voted, k, settings.candidates)
+    row_of = {q: i for i, q in enumerate(rows)}
+    col_of = {r: j for j, r in enumerate(index.ids)}
+    q_pos = merged.query_id.map(row_of)
+    r_pos = merged.reference_id.map(col_of)
+    known = (q_pos.notna() & r_pos.notna()).to_numpy()
+    found = np.zeros(len(merged), np.float32)
+    found[known] = votes[q_pos[known].astype(int).to_numpy(), r_pos[known].astype(int).to_numpy()]
+    return merged.assign(votes=found)
 
 
 # ----------------------------------------------------------------------------- tokens of images
@@ -238,25 +259,40 @@ def reference_tokens(model, paths: dict[str, Path], report, batch_size: int = 64
     return ids, (np.concatenate(out) if out else np.zeros((0, channels, *grid), np.float16))
 
 
-def query_rows(model, paths: dict[str, Path], scales: Sequence[int], report, batch_size: int = 64,
-               amp: bool = True) -> dict[str, np.ndarray]:
-    """id -> (Nq, C) float32 unit tokens of each readable query, read whole at each of `scales` x the pair model's
-    half size (Nq = sum of s * s * Gh * Gw), decoded as the pair stage decodes queries."""
+def query_readings(model, paths: dict[str, Path], scales: Sequence[int], report, batch_size: int = 64,
+                   amp: bool = True, images=None) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
+    """id -> {(h, w): (C, Gh, Gw) trunk tokens} of each readable query, read whole at each of `scales` x the pair
+    model's half size (h, w), decoded as the pair stage decodes queries (`images`: a `TensorCache` to decode
+    with, e.g. one the pair stage shares; `pair_vit.pair.scoring.score_chunk` reuses these readings)."""
     import torch
 
     from pair_vit.pair.scoring import TensorCache, load_side, to_uint8, trunk_tokens
 
     half = model.half_size
-    images = TensorCache(paths, half, report, capacity=0, load_side=max(load_side(half), half[0] * max(scales)))
-    out: dict[str, np.ndarray] = {}
+    side = max(load_side(half), half[0] * max(scales))
+    if images is None or images.load_side < side:  # a shared decoder too coarse for the largest reading
+        images = TensorCache(paths, half, report, capacity=0, load_side=side)
+    sizes = [(int(half[0]) * s, int(half[1]) * s) for s in scales]
+    out: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
     todo = list(paths)
     for start in range(0, len(todo), 64):
         decoded = {i: images.load(i) for i in todo[start:start + 64]}
         readable = [i for i, x in decoded.items() if x is not None]
         if not readable:
             continue
-        per_scale = [unit_rows(trunk_tokens(model, torch.stack([to_uint8(decoded[i], (half[0] * s, half[1] * s))
-                                                                 for i in readable]), batch_size, amp))
-                     for s in scales]
-        out.update((i, np.concatenate([rows[j] for rows in per_scale])) for j, i in enumerate(readable))
+        per_size = [trunk_tokens(model, torch.stack([to_uint8(decoded[i], size) for i in readable]), batch_size, amp)
+                    for size in sizes]
+        out.update((i, {size: tokens[j] for size, tokens in zip(sizes, per_size)}) for j, i in enumerate(readable))
     return out
+
+
+def rows_of(readings: dict[str, dict]) -> dict[str, np.ndarray]:
+    """`query_readings` -> id -> (Nq, C) float32 unit tokens, every size's grid concatenated in order."""
+    return {i: np.concatenate([unit_rows(t[None])[0] for t in sizes.values()]) for i, sizes in readings.items()}
+
+
+def query_rows(model, paths: dict[str, Path], scales: Sequence[int], report, batch_size: int = 64,
+               amp: bool = True) -> dict[str, np.ndarray]:
+    """id -> (Nq, C) float32 unit tokens of each readable query, read whole at each of `scales` x the pair model's
+    half size (Nq = sum of s * s * Gh * Gw), decoded as the pair stage decodes queries."""
+    return rows_of(query_readings(model, paths, scales, report, batch_size, amp))

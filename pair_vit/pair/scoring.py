@@ -97,8 +97,8 @@ class TensorCache(ImageCache):
     """Decoded images as uint8 tensors (3, h, w) at the model's half size `half_size` (h, w)."""
 
     def __init__(self, paths: Mapping[str, Path], half_size: Sequence[int], report: data.SkipReport,
-                 capacity: int = 20000, load_side: int = LOAD_SIDE):
-        super().__init__(paths, report, capacity, load_side)
+                 capacity: int = 20000, load_side: int = LOAD_SIDE, keep_decoded: int = 0):
+        super().__init__(paths, report, capacity, load_side, keep_decoded)
         self.half_size = tuple(half_size)
 
     def convert(self, image: Image.Image) -> torch.Tensor:
@@ -174,38 +174,52 @@ def token_logits(model, ref_tokens: torch.Tensor, query_tokens: torch.Tensor, ba
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
+def _view_tokens(model, q_tensors: dict, views: list[str], readings: Mapping | None, batch_size: int,
+                 amp: bool) -> dict[str, torch.Tensor]:
+    """query id -> (V, C, Gh, Gw) trunk tokens of its views: the whole query's from `readings` when that is the
+    only view and every query has them, else one trunk pass over every view."""
+    queries, size = list(q_tensors), tuple(int(x) for x in model.half_size)
+    if views == ["full"] and readings is not None and all(size in readings.get(q, {}) for q in queries):
+        return {q: readings[q][size][None] for q in queries}
+    tokens = trunk_tokens(model, torch.cat([q_tensors[q][0] for q in queries]), batch_size, amp)
+    return dict(zip(queries, tokens.view(len(queries), len(views), *tokens.shape[1:])))
+
+
 def _view_logits(model, keep: pd.DataFrame, views: list[str], q_tensors: dict, refs: dict, batch_size: int,
-                 amp: bool) -> np.ndarray:
+                 amp: bool, readings: Mapping | None = None) -> np.ndarray:
     """(pairs, views) logits of `keep`'s pairs: from images, or from tokens for a hybrid model (`refs` then
-    holds reference tokens and each query view goes through the trunk once)."""
+    holds reference tokens and each query view goes through the trunk once, or not at all if `readings` has it)."""
     if hasattr(model, "forward_tokens"):
-        queries = list(q_tensors)
-        tokens = trunk_tokens(model, torch.cat([q_tensors[q][0] for q in queries]), batch_size, amp)
-        q_tokens = dict(zip(queries, tokens.view(len(queries), len(views), *tokens.shape[1:])))
+        q_tokens = _view_tokens(model, q_tensors, views, readings, batch_size, amp)
         ref_side = torch.stack([refs[r] for r in keep.reference_id])
         logits = np.stack([token_logits(model, ref_side, torch.stack([q_tokens[q][v] for q in keep.query_id]),
                                         4 * batch_size, amp) for v in range(len(views))], axis=1)
         if getattr(model, "localize", None) is None:
             return logits
         full = logits[:, views.index("full")] if "full" in views else logits.max(axis=1)
-        return np.concatenate([logits, local_logits(model, keep, q_tensors, ref_side, full, batch_size, amp)[:, None]],
-                              axis=1)
+        local = local_logits(model, keep, q_tensors, ref_side, full, batch_size, amp, readings)
+        return np.concatenate([logits, local[:, None]], axis=1)
     ref_side = torch.stack([refs[r] for r in keep.reference_id])
     return np.stack([pair_logits(model, ref_side, torch.stack([q_tensors[q][0][v] for q in keep.query_id]),
                                  batch_size, amp) for v in range(len(views))], axis=1)
 
 
 def local_logits(model, keep: pd.DataFrame, q_tensors: dict, ref_side: torch.Tensor, full: np.ndarray,
-                 batch_size: int, amp: bool) -> np.ndarray:
+                 batch_size: int, amp: bool, readings: Mapping | None = None) -> np.ndarray:
     """(pairs,) logits of each pair's localized query region (`pair_vit.pair.localize`): each query's fine image
-    (q_tensors[q][1], uint8 at the localize scale) goes through the trunk once, each found box once more; a
-    pair whose box was not found keeps its whole-query logit `full` (pairs,)."""
+    (q_tensors[q][1], uint8 at the localize scale) goes through the trunk once (unless `readings` holds its tokens
+    at that size), each found box once more; a pair whose box was not found keeps its whole-query logit `full`
+    (pairs,)."""
     device = next(model.parameters()).device
     queries = list(q_tensors)
     position = {q: i for i, q in enumerate(queries)}
     fine = normalise_uint8(torch.stack([q_tensors[q][1] for q in queries]), model.model_args["mean"],
                            model.model_args["std"])
-    fine_tokens = trunk_tokens(model, torch.stack([q_tensors[q][1] for q in queries]), batch_size, amp)
+    size = tuple(q_tensors[queries[0]][1].shape[1:])
+    if readings is not None and all(size in readings.get(q, {}) for q in queries):
+        fine_tokens = torch.stack([readings[q][size] for q in queries])
+    else:
+        fine_tokens = trunk_tokens(model, torch.stack([q_tensors[q][1] for q in queries]), batch_size, amp)
     query_index = torch.tensor([position[q] for q in keep.query_id], dtype=torch.int64)
     out = []
     with torch.inference_mode(), precision.autocast(device, amp):
@@ -218,14 +232,16 @@ def local_logits(model, keep: pd.DataFrame, q_tensors: dict, ref_side: torch.Ten
 
 
 def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: TensorCache,
-                ref_cache: TensorCache | TokenCache, batch_size: int = 64, amp: bool = True) -> pd.DataFrame:
+                ref_cache: TensorCache | TokenCache, batch_size: int = 64, amp: bool = True,
+                readings: Mapping[str, Mapping[tuple[int, int], torch.Tensor]] | None = None) -> pd.DataFrame:
     """Score the shortlist rows (query_id, reference_id, score) of a few queries against every view.
 
     Returns the rows whose query and reference could be read, with logit_<view> per view, logit_local for a
     localizing model (the query's region where the reference was found: `pair_vit.pair.localize`) and `logit`
     (their max). Pairs are batched across queries, so small shortlists still fill large batches. `ref_cache` holds
     reference images, or reference tokens for a hybrid model (a `TokenCache`, or a mapping id -> float16 tokens such
-    as a saved collection's)."""
+    as a saved collection's). `readings` (query id -> {(h, w): (C, Gh, Gw) trunk tokens of the whole query resized
+    to h x w from `query_cache`'s decoding}, e.g. token recall's) saves the trunk passes it holds."""
     settings = getattr(model, "localize", None)
     fine = fine_size(query_cache.half_size, settings) if settings is not None else None
     q_tensors = {q: _query_views(query_cache, q, views, fine) for q in rows.query_id.unique()}
@@ -238,7 +254,7 @@ def score_chunk(model, rows: pd.DataFrame, views: list[str], query_cache: Tensor
     if keep.empty:
         return keep.assign(**{c: np.zeros(0, np.float32) for c in columns + ["logit"]})
     q_tensors = {q: q_tensors[q] for q in keep.query_id.unique()}
-    logits = _view_logits(model, keep, views, q_tensors, refs, batch_size, amp)  # (pairs, views)
+    logits = _view_logits(model, keep, views, q_tensors, refs, batch_size, amp, readings)  # (pairs, views)
     keep[columns] = logits
     keep["logit"] = logits.max(axis=1)
     return keep

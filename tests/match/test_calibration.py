@@ -137,3 +137,36 @@ def test_similarity_margin_by_hand():
     sim = np.array([0.9, 0.5, 0.7, 0.3, 0.6, 0.6])
     # a: top 0.9 vs runner-up 0.7; the others vs the top. b: alone. c: a tie, nobody stands out
     np.testing.assert_allclose(similarity_margin(q, sim), [0.2, -0.4, -0.2, 0.0, 0.0, 0.0], atol=1e-12)
+
+
+def test_vote_terms_by_hand_and_learned():
+    from pair_vit.metrics import micro_average_precision
+
+    cal = Calibration(w_logit=0.0, bias=-1.0, w_votes=2.0, w_vote_margin=1.0)
+    q = np.array(["A", "A", "B"])
+    votes = np.array([np.e - 1, 0.0, -3.0])  # log1p: 1, 0; a negative vote counts as none
+    # z = -1 + 2 log1p(votes) + margin of log1p(votes) within the query (A: +1, -1; B alone: 0)
+    expected_z = np.array([-1 + 2 + 1, -1 + 0 - 1, -1 + 0 + 0])
+    np.testing.assert_allclose(cal.apply(np.zeros(3), np.zeros(3), q, votes=votes), 1 / (1 + np.exp(-expected_z)))
+    assert cal.needs_votes and cal.fuses and not cal.needs_inliers and not Calibration().needs_votes
+    with pytest.raises(ValueError, match="token-recall votes"):
+        cal.apply(np.zeros(3), np.zeros(3), q)
+    q, _, sim, labels = synthetic()
+    rng = np.random.default_rng(3)
+    logit = rng.normal(0, 1, len(labels))  # an uninformative pair model: the votes must carry it
+    votes = np.where(labels, rng.uniform(2, 30, len(labels)), rng.uniform(0, 3, len(labels)))
+    fitted = fit(logit, sim, labels, query_ids=q, votes=votes)
+    assert fitted.w_votes > 0 and fit(logit, sim, labels, query_ids=q).w_votes == 0.0
+    ap = lambda s: micro_average_precision(s, labels, int(labels.sum()))  # noqa: E731
+    assert ap(cross_fit(q, logit, sim, labels, votes=votes)) > ap(cross_fit(q, logit, sim, labels)) + 0.02
+    assert "token votes" in calibration.separability(logit, sim, labels, votes=votes)
+
+
+def test_settings_that_drop_a_feature_the_calibration_weighs_are_refused():
+    from pair_vit.match.rerank import check_calibration
+
+    check_calibration(Calibration(w_votes=1.0, w_inliers=1.0), "sift", 3)
+    with pytest.raises(ValueError, match="token-recall votes"):
+        check_calibration(Calibration(w_votes=1.0), "sift", 0)
+    with pytest.raises(ValueError, match="SIFT verification"):
+        check_calibration(Calibration(w_inliers=1.0), "none", 3)

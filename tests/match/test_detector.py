@@ -293,13 +293,20 @@ def test_exported_lazily_from_pair_vit():
     assert proc.returncode == 0, proc.stderr[-1000:]
 
 
-def test_token_recall_gives_rerank_py_numbers_and_follows_add_and_remove(photos, tmp_path):
+def test_token_recall_gives_rerank_py_numbers_and_follows_add_and_remove(photos, tmp_path, monkeypatch):
+    from pair_vit.pair import scoring
+
     refs, queries = copy_to(tmp_path / "refs", photos), edited(photos, tmp_path / "queries")
     sub = rerank.run(rerank.RerankConfig(queries=str(queries), references=str(refs), output=str(tmp_path / "s.csv"),
                                          k=4, token_recall=2, progress=False, **FAST))
     detector = CopyDetector(shortlist=4, token_recall=2, **FAST)
     detector.add(refs)
+    passes = []  # trunk passes over query pixels in the pair stage: none, token recall already read the queries
+    real = scoring.trunk_tokens
+    monkeypatch.setattr(scoring, "trunk_tokens", lambda model, x, *a, **k: passes.append(x.shape[-1]) or
+                        real(model, x, *a, **k))
     found = detector.match(queries, k=4)
+    assert passes and set(passes) == {160, 320}  # token recall's two readings only (the boxes are cropped tokens)
     pd.testing.assert_frame_equal(found[["query_id", "reference_id"]], sub[["query_id", "reference_id"]])
     np.testing.assert_allclose(found.score, sub.score, rtol=0, atol=1e-6)
     assert len(detector._tokens) == len(photos)

@@ -38,6 +38,20 @@ def test_merge_votes_gives_the_last_places_to_voted_references():
         {"p": 2, "q": 3}
 
 
+def test_vote_shortlist_gives_every_candidate_its_votes():
+    tokens = np.zeros((3, 2, 1, 1), np.float32)
+    tokens[:, :, 0, 0] = [[1, 0], [0, 1], [1, 1]]  # r2 half-way between r0 and r1
+    index = tr.TokenIndex.build(["r0", "r1", "r2"], tokens, "Flat")
+    deep = pd.DataFrame({"query_id": ["q"] * 2 + ["u"], "reference_id": ["r1", "r2", "r1"],
+                         "score": np.array([0.9, 0.8, 0.7], np.float32)})
+    rows = {"q": tr.unit_rows(tokens[[0]])[0]}  # one token, identical to r0's; "u" has no tokens (unreadable)
+    out = tr.vote_shortlist(index, deep, rows, k=2, settings=tr.TokenRecallSettings(candidates=1, neighbours=3))
+    # q: r1 keeps the descriptor's place, r0 is voted in (1 - 0.5) at the lowest listed similarity; r1 is
+    # orthogonal (no vote), r2 at cos 0.707 votes 0.207 but is out of the k=2 places
+    assert out.values.tolist() == [["q", "r1", pytest.approx(0.9), 0.0], ["q", "r0", pytest.approx(0.8), 0.5],
+                                   ["u", "r1", pytest.approx(0.7), 0.0]]
+
+
 def test_top_votes_drops_references_without_votes():
     votes = np.array([[0.0, 2.0, 1.0], [0.0, 0.0, 0.0]], np.float32)
     top = tr.top_votes(["q", "p"], votes, ["a", "b", "c"], 5)
@@ -92,3 +106,23 @@ def test_auto_factory_and_an_index_grown_by_add_votes_as_one_built_at_once():
     assert np.argmax(whole.vote(queries, settings)[0]) == 3 and grown.ids[-1] == "extra"
     ivf = tr.TokenIndex.build(ids, tokens, "IVF2,Flat", nprobe=2)  # every list visited: the exact votes
     np.testing.assert_allclose(ivf.vote(queries, settings), whole.vote(queries, settings), atol=1e-5)
+
+
+def test_nprobe_is_the_settings_at_each_vote():
+    rng = np.random.default_rng(1)
+    tokens = rng.normal(size=(40, 8, 2, 2)).astype(np.float32)
+    ids = [f"r{i}" for i in range(40)]
+    index = tr.TokenIndex.build(ids, tokens, "IVF8,Flat")
+    queries = [tr.unit_rows(tokens[[i]] + rng.normal(scale=0.3, size=(1, 8, 2, 2)))[0] for i in range(6)]
+    exact = tr.TokenIndex.build(ids, tokens, "Flat").vote(queries, tr.TokenRecallSettings(floor=0.0))
+    every = index.vote(queries, tr.TokenRecallSettings(floor=0.0, nprobe=8))
+    np.testing.assert_allclose(every, exact, atol=1e-5)  # every list visited: exact
+    one = index.vote(queries, tr.TokenRecallSettings(floor=0.0, nprobe=1))
+    assert not np.allclose(one, exact)  # one list of eight: some neighbours missed
+    assert faiss_nprobe(index) == 1
+
+
+def faiss_nprobe(index: tr.TokenIndex) -> int:
+    import faiss
+
+    return faiss.extract_index_ivf(index.index).nprobe
