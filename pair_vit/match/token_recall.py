@@ -221,11 +221,17 @@ def vote_shortlist(index: TokenIndex, deep: pd.DataFrame, rows: dict[str, np.nda
     Columns: query_id, reference_id, score (descriptor similarity), votes (every candidate's vote score, 0 where
     none of the query's tokens voted for it: a calibration feature, `pair_vit.match.calibration`). A query
     without tokens (unreadable here) keeps its descriptor list with votes 0."""
-    votes = index.vote(list(rows.values()), settings)
-    voted = top_votes(list(rows), votes, index.ids, settings.candidates + k)
-    merged = merge_votes(deep, voted, k, settings.candidates)
-    row_of = {q: i for i, q in enumerate(rows)}
-    col_of = {r: j for j, r in enumerate(index.ids)}
+    return voted_shortlist(deep, list(rows), index.vote(list(rows.values()), settings), index.ids, k,
+                           settings.candidates)
+
+
+def voted_shortlist(deep: pd.DataFrame, query_ids: list[str], votes: np.ndarray, ref_ids: Sequence[str], k: int,
+                    candidates: int) -> pd.DataFrame:
+    """`vote_shortlist` from the (Q, R) votes of `query_ids` over references `ref_ids` (`TokenIndex.vote`)."""
+    voted = top_votes(query_ids, votes, ref_ids, candidates + k)
+    merged = merge_votes(deep, voted, k, candidates)
+    row_of = {q: i for i, q in enumerate(query_ids)}
+    col_of = {r: j for j, r in enumerate(ref_ids)}
     q_pos = merged.query_id.map(row_of)
     r_pos = merged.reference_id.map(col_of)
     known = (q_pos.notna() & r_pos.notna()).to_numpy()

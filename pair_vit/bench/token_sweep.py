@@ -1,0 +1,120 @@
+"""Choose the token-recall settings on a benchmark: shortlist recall of each setting, overall and per edit family.
+
+    python scripts/sweep_token_recall.py --benchmark benchmarks/tune --scales 1,2 1,2,3 --floors 0.4 0.5 \
+        --candidates 3 5 --out runs/sweep_tune
+
+The descriptor's deep list is made once (`rerank.match --descriptor-only`, cached in OUT/work), the pair model's
+reference tokens and the queries' trunk readings at every scale once; each setting then only votes and merges
+(`pair_vit.match.token_recall.vote_shortlist`), so a grid costs little more than one run. Per setting: recall@k of
+the k-candidate shortlist (what the pair stage can find at all), the share of true copies whose reference the votes
+rank first, and recall@k per edit family. Written to OUT/results.{csv,md} with the command.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pair_vit import data
+from pair_vit.config import opt, save_config
+from pair_vit.io import write_text_atomic
+from pair_vit.metrics import edit_families, recall_at_k
+
+
+@dataclass
+class TokenSweepConfig:
+    """Shortlist recall of token-recall settings on a labelled benchmark."""
+
+    benchmark: str = opt("", "benchmark folder written by scripts/make_benchmark.py")
+    k: int = opt(20, "shortlist size (as rerank.py --k)")
+    scales: list = opt(["1,2"], "query readings, each a comma-separated list of multiples of the pair model's half "
+                                "size (1,2: 160 and 320 px)")
+    floors: list = opt([0.5], "vote floors (cosine similarity a neighbour must pass)")
+    neighbours: list = opt([3], "reference tokens each query token looks up")
+    candidates: list = opt([3], "shortlist places given to voted references (0: the descriptor alone)")
+    factory: str = opt("Flat", "faiss factory of the reference-token index")
+    nprobe: int = opt(16, "lists an IVF token index visits per query token")
+    out: str = opt("runs/sweep_token_recall", "folder for results.csv, results.md and the cached descriptor list")
+
+
+def settings_grid(cfg: TokenSweepConfig):
+    """Every TokenRecallSettings of the grid (candidates 0, the descriptor alone, once)."""
+    from pair_vit.match.token_recall import TokenRecallSettings
+
+    seen = set()
+    for scales, floor, neighbours, candidates in itertools.product(cfg.scales, cfg.floors, cfg.neighbours,
+                                                                  cfg.candidates):
+        scales = tuple(int(s) for s in str(scales).split(","))
+        s = (TokenRecallSettings(int(candidates), factory=cfg.factory, nprobe=cfg.nprobe) if int(candidates) == 0
+             else TokenRecallSettings(int(candidates), int(neighbours), float(floor), scales, cfg.factory, cfg.nprobe))
+        if s not in seen:
+            seen.add(s)
+            yield s
+
+
+def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
+    from pair_vit.match import rerank
+    from pair_vit.match import token_recall as tr
+
+    if not cfg.benchmark:
+        raise ValueError("--benchmark is required")
+    layout, out = data.DiscLayout.from_root(cfg.benchmark), Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    gt = layout.load_ground_truth()
+    deep = rerank.match(rerank.RerankConfig(queries=str(layout.queries), references=str(layout.references),
+                                            work_dir=str(out / "work"), k=cfg.k * rerank.TOKEN_DEPTH,
+                                            descriptor_only=True, progress=False)).rows
+    model = rerank.load_pair(rerank.RerankConfig())[0].eval()
+    report = data.SkipReport()
+    ids, tokens = tr.reference_tokens(model, data.list_images(layout.references), report)
+    index = tr.TokenIndex.build(ids, tokens, cfg.factory)
+    grid = list(settings_grid(cfg))
+    every_scale = sorted({s for g in grid for s in g.scales})
+    queries = data.list_images(layout.queries)
+    readings = tr.query_readings(model, queries, every_scale or [1], report) if every_scale else {}
+    families = edit_families(pd.read_csv(Path(cfg.benchmark) / "edits.csv", dtype=str),
+                             set(gt.query_id[gt.reference_id.notna() & (gt.reference_id != "")]))
+    half = tuple(int(x) for x in model.half_size)
+    memo: dict = {}  # votes depend on the readings, neighbours and floor, not on the places they get
+    rows = [evaluate(s, index, deep, readings, half, gt, families, cfg.k, memo) for s in grid]
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "results.csv", index=False)
+    command = command or "python " + " ".join(sys.argv)
+    write_text_atomic(out / "results.md", f"### Token-recall settings on {cfg.benchmark}\n\n`{command}`\n\n"
+                      f"{table.to_markdown(index=False, floatfmt='.3f')}\n")
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+    return table
+
+
+def evaluate(settings, index, deep: pd.DataFrame, readings: dict, half: tuple[int, int], gt: pd.DataFrame,
+             families: dict[str, set[str]], k: int, memo: dict | None = None) -> dict:
+    """One setting's row: recall@k of the merged shortlist, vote rank-1 rate, recall@k per edit family.
+    `readings`: `token_recall.query_readings` at every scale of the grid; `half`: the pair model's half size."""
+    from pair_vit.match import token_recall as tr
+
+    truth = gt[gt.reference_id.notna() & (gt.reference_id != "")]
+    if settings.candidates == 0:
+        short = tr.merge_votes(deep, deep.iloc[:0], k, 0)
+        first = float("nan")
+    else:
+        rows = tr.rows_of({q: {(s * half[0], s * half[1]): r[(s * half[0], s * half[1])] for s in settings.scales}
+                           for q, r in readings.items()})
+        key = (settings.scales, settings.neighbours, settings.floor)
+        memo = {} if memo is None else memo
+        votes = memo[key] = memo[key] if key in memo else index.vote(list(rows.values()), settings)
+        short = tr.voted_shortlist(deep, list(rows), votes, index.ids, k, settings.candidates)
+        best = dict(zip(rows, np.asarray(index.ids)[votes.argmax(axis=1)]))
+        first = float(np.mean([best.get(q) == r for q, r in zip(truth.query_id, truth.reference_id)]))
+    found = set(zip(short.query_id, short.reference_id))
+    per_query = {q: (q, r) in found for q, r in zip(truth.query_id, truth.reference_id)}
+    row = {"candidates": settings.candidates, "scales": ",".join(map(str, settings.scales)) if settings.candidates
+           else "", "floor": settings.floor, "neighbours": settings.neighbours,
+           f"R@{k}": recall_at_k(short, gt, [k])[k], "votes rank-1": first}
+    for name in sorted(families, key=lambda n: -len(families[n])):
+        row[f"{name} ({len(families[name])})"] = float(np.mean([per_query[q] for q in families[name]]))
+    return row
