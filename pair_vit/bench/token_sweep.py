@@ -36,6 +36,7 @@ class TokenSweepConfig:
     floors: list = opt([0.5], "vote floors (cosine similarity a neighbour must pass)")
     neighbours: list = opt([3], "reference tokens each query token looks up")
     candidates: list = opt([3], "shortlist places given to voted references (0: the descriptor alone)")
+    spreads: list = opt([0.0], "burstiness exponents: a token's votes divided by (references it votes for) ** this")
     factory: str = opt("Flat", "faiss factory of the reference-token index")
     nprobe: int = opt(16, "lists an IVF token index visits per query token")
     out: str = opt("runs/sweep_token_recall", "folder for results.csv, results.md and the cached descriptor list")
@@ -46,11 +47,12 @@ def settings_grid(cfg: TokenSweepConfig):
     from pair_vit.match.token_recall import TokenRecallSettings
 
     seen = set()
-    for scales, floor, neighbours, candidates in itertools.product(cfg.scales, cfg.floors, cfg.neighbours,
-                                                                  cfg.candidates):
+    for scales, floor, neighbours, spread, candidates in itertools.product(cfg.scales, cfg.floors, cfg.neighbours,
+                                                                          cfg.spreads, cfg.candidates):
         scales = tuple(int(s) for s in str(scales).split(","))
         s = (TokenRecallSettings(int(candidates), factory=cfg.factory, nprobe=cfg.nprobe) if int(candidates) == 0
-             else TokenRecallSettings(int(candidates), int(neighbours), float(floor), scales, cfg.factory, cfg.nprobe))
+             else TokenRecallSettings(int(candidates), int(neighbours), float(floor), scales, cfg.factory, cfg.nprobe,
+                                      float(spread)))
         if s not in seen:
             seen.add(s)
             yield s
@@ -80,8 +82,13 @@ def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
     families = edit_families(pd.read_csv(Path(cfg.benchmark) / "edits.csv", dtype=str),
                              set(gt.query_id[gt.reference_id.notna() & (gt.reference_id != "")]))
     half = tuple(int(x) for x in model.half_size)
-    memo: dict = {}  # votes depend on the readings, neighbours and floor, not on the places they get
-    rows = [evaluate(s, index, deep, readings, half, gt, families, cfg.k, memo) for s in grid]
+    # every query token's neighbours, searched once per scale at the grid's largest neighbour count: a setting
+    # then only counts votes (its scales' rows concatenated, its first `neighbours` columns)
+    most = max(g.neighbours for g in grid)
+    queries_read = list(readings)
+    found = {s: index.neighbours([tr.unit_rows(readings[q][(s * half[0], s * half[1])][None])[0]
+                                  for q in queries_read], most, cfg.nprobe) for s in every_scale}
+    rows = [evaluate(s, index, deep, queries_read, found, gt, families, cfg.k) for s in grid]
     table = pd.DataFrame(rows)
     table.to_csv(out / "results.csv", index=False)
     command = command or "python " + " ".join(sys.argv)
@@ -91,10 +98,10 @@ def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
     return table
 
 
-def evaluate(settings, index, deep: pd.DataFrame, readings: dict, half: tuple[int, int], gt: pd.DataFrame,
-             families: dict[str, set[str]], k: int, memo: dict | None = None) -> dict:
+def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: dict, gt: pd.DataFrame,
+             families: dict[str, set[str]], k: int) -> dict:
     """One setting's row: recall@k of the merged shortlist, vote rank-1 rate, recall@k per edit family.
-    `readings`: `token_recall.query_readings` at every scale of the grid; `half`: the pair model's half size."""
+    `found`: scale -> `TokenIndex.neighbours` of every query in `query_ids` read at that scale."""
     from pair_vit.match import token_recall as tr
 
     truth = gt[gt.reference_id.notna() & (gt.reference_id != "")]
@@ -102,18 +109,16 @@ def evaluate(settings, index, deep: pd.DataFrame, readings: dict, half: tuple[in
         short = tr.merge_votes(deep, deep.iloc[:0], k, 0)
         first = float("nan")
     else:
-        rows = tr.rows_of({q: {(s * half[0], s * half[1]): r[(s * half[0], s * half[1])] for s in settings.scales}
-                           for q, r in readings.items()})
-        key = (settings.scales, settings.neighbours, settings.floor)
-        memo = {} if memo is None else memo
-        votes = memo[key] = memo[key] if key in memo else index.vote(list(rows.values()), settings)
-        short = tr.voted_shortlist(deep, list(rows), votes, index.ids, k, settings.candidates)
-        best = dict(zip(rows, np.asarray(index.ids)[votes.argmax(axis=1)]))
+        joined = [tuple(np.concatenate([found[s][i][part] for s in settings.scales]) for part in range(3))
+                  for i in range(len(query_ids))]
+        votes = tr.votes_of(joined, len(index.ids), settings)
+        short = tr.voted_shortlist(deep, query_ids, votes, index.ids, k, settings.candidates)
+        best = dict(zip(query_ids, np.asarray(index.ids)[votes.argmax(axis=1)]))
         first = float(np.mean([best.get(q) == r for q, r in zip(truth.query_id, truth.reference_id)]))
-    found = set(zip(short.query_id, short.reference_id))
-    per_query = {q: (q, r) in found for q, r in zip(truth.query_id, truth.reference_id)}
+    found_pairs = set(zip(short.query_id, short.reference_id))
+    per_query = {q: (q, r) in found_pairs for q, r in zip(truth.query_id, truth.reference_id)}
     row = {"candidates": settings.candidates, "scales": ",".join(map(str, settings.scales)) if settings.candidates
-           else "", "floor": settings.floor, "neighbours": settings.neighbours,
+           else "", "floor": settings.floor, "neighbours": settings.neighbours, "spread": settings.spread,
            f"R@{k}": recall_at_k(short, gt, [k])[k], "votes rank-1": first}
     for name in sorted(families, key=lambda n: -len(families[n])):
         row[f"{name} ({len(families[name])})"] = float(np.mean([per_query[q] for q in families[name]]))

@@ -55,6 +55,7 @@ class TokenRecallSettings:
     scales: tuple[int, ...] = (1, 2)  # the query is read at these multiples of the pair model's half size
     factory: str = "auto"  # faiss index of reference tokens (inner product on unit vectors): see auto_factory
     nprobe: int = NPROBE  # inverted lists an IVF index visits per query token (set at each vote)
+    spread: float = 0.0  # a token's votes are divided by (references it votes for) ** spread (0: plain sums)
 
 
 class TokenIndex:
@@ -97,20 +98,26 @@ class TokenIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def neighbours(self, query_tokens: list[np.ndarray], k: int, nprobe: int = NPROBE) -> list[tuple]:
+        """query_tokens: per query, (Nq, C) unit tokens -> per query (similarity (Nq, k) float32, owner (Nq, k) int64:
+        the reference of each neighbour, valid (Nq, k) bool: False for padding), the k nearest reference tokens of
+        every query token (an IVF index visits `nprobe` lists)."""
+        import faiss
+
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            ivf.nprobe = nprobe
+        out = []
+        for tokens in query_tokens:
+            sim, rows = self.index.search(np.ascontiguousarray(tokens, np.float32), min(k, self.index.ntotal))
+            out.append((sim, self.owner[np.maximum(rows, 0)], rows >= 0))
+        return out
+
     def vote(self, query_tokens: list[np.ndarray], settings: TokenRecallSettings) -> np.ndarray:
         """query_tokens: per query, (Nq, C) unit tokens (`unit_rows` of each scale, concatenated) -> (Q, N) float32
         vote scores (higher = more of the query found in that reference; 0: no vote)."""
-        import faiss
-
-        k = min(settings.neighbours, self.index.ntotal)
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            ivf.nprobe = settings.nprobe
-        out = np.zeros((len(query_tokens), len(self.ids)), np.float32)
-        for q, tokens in enumerate(query_tokens):
-            sim, rows = self.index.search(np.ascontiguousarray(tokens, np.float32), k)  # (Nq, k)
-            out[q] = token_votes(sim, self.owner[np.maximum(rows, 0)], rows >= 0, len(self.ids), settings.floor)
-        return out
+        found = self.neighbours(query_tokens, settings.neighbours, settings.nprobe)
+        return votes_of(found, len(self.ids), settings)
 
     def save(self, folder: str | Path) -> None:
         import faiss
@@ -145,17 +152,33 @@ def unit_rows(tokens) -> np.ndarray:
     return np.ascontiguousarray(rows / np.maximum(np.linalg.norm(rows, axis=2, keepdims=True), 1e-12))
 
 
+def votes_of(found: list[tuple], n_refs: int, settings: TokenRecallSettings) -> np.ndarray:
+    """`TokenIndex.neighbours` of Q queries -> (Q, n_refs) float32 votes (`token_votes` with the settings' floor and
+    spread, over the first `settings.neighbours` neighbours)."""
+    out = np.zeros((len(found), n_refs), np.float32)
+    n = settings.neighbours
+    for q, (sim, owner, valid) in enumerate(found):
+        out[q] = token_votes(sim[:, :n], owner[:, :n], valid[:, :n], n_refs, settings.floor, settings.spread)
+    return out
+
+
 def token_votes(similarity: np.ndarray, owner: np.ndarray, valid: np.ndarray, n_refs: int,
-                floor: float) -> np.ndarray:
+                floor: float, spread: float = 0.0) -> np.ndarray:
     """One query's votes: similarity, owner, valid (Nq, k) of each query token's neighbours (their cosine
     similarity, the reference that owns them, False for padding) -> (n_refs,) float32: per reference, the sum over
-    query tokens of max(0, best similarity to that reference's tokens among the neighbours - floor)."""
+    query tokens of max(0, best similarity to that reference's tokens among the neighbours - floor), each token's
+    votes divided by (the number of references it votes for) ** `spread` (a token that matches many references,
+    such as flat sky or UI chrome, says little about any one of them: inter-image burstiness)."""
     weight = np.where(valid, np.maximum(similarity - floor, 0), 0).astype(np.float32).ravel()
     token = np.repeat(np.arange(similarity.shape[0], dtype=np.int64), similarity.shape[1])
     key = token * n_refs + owner.ravel().astype(np.int64)  # one (query token, reference) pair per key
     pairs, slot = np.unique(key, return_inverse=True)
     best = np.zeros(len(pairs), np.float32)
     np.maximum.at(best, slot.ravel(), weight)  # a query token votes once per reference: its best neighbour there
+    if spread:
+        voter = pairs // n_refs
+        counts = np.bincount(voter[best > 0], minlength=similarity.shape[0]).astype(np.float32)
+        best = best / np.maximum(counts[voter], 1.0) ** np.float32(spread)
     out = np.zeros(n_refs, np.float32)
     np.add.at(out, pairs % n_refs, best)
     return out

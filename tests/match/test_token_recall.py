@@ -126,3 +126,13 @@ def faiss_nprobe(index: tr.TokenIndex) -> int:
     import faiss
 
     return faiss.extract_index_ivf(index.index).nprobe
+
+
+def test_spread_divides_a_token_s_votes_by_the_references_it_votes_for():
+    similarity = np.array([[0.9, 0.8, 0.7], [0.9, 0.2, 0.1]], np.float32)
+    owner = np.array([[0, 1, 2], [1, 0, 2]])
+    valid = np.ones((2, 3), bool)
+    # token 0 votes for 3 references (0.4, 0.3, 0.2), token 1 for one (ref 1: 0.4)
+    np.testing.assert_allclose(tr.token_votes(similarity, owner, valid, 3, 0.5), [0.4, 0.7, 0.2], atol=1e-6)
+    np.testing.assert_allclose(tr.token_votes(similarity, owner, valid, 3, 0.5, spread=1.0),
+                               [0.4 / 3, 0.3 / 3 + 0.4, 0.2 / 3], atol=1e-6)
