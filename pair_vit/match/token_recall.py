@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 META_FILE = "token_index.json"
 FLAT_ROWS = 250_000  # "auto": an exact (Flat) index up to this many reference tokens (2,500 references at 160 px)
 TRAIN_PER_LIST = 64  # "auto" IVF: training tokens per inverted list
-NPROBE = 16  # inverted lists an IVF token index visits per query token
+# inverted lists an IVF token index visits per query token; 8 found the same shortlists as 16 and as an exact index
+# at 3,700 references (docs/results.md#token-recall-at-scale) for about half the search time
+NPROBE = 8
 
 
 def auto_factory(rows: int) -> str:
