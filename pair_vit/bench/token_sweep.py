@@ -4,8 +4,9 @@
         --candidates 3 5 --out runs/sweep_tune
 
 The descriptor's deep list is made once (`rerank.match --descriptor-only`, cached in OUT/work), the pair model's
-reference tokens and the queries' trunk readings at every scale once; each setting then only votes and merges
-(`pair_vit.match.token_recall.vote_shortlist`), so a grid costs little more than one run. Per setting: recall@k of
+reference tokens, the queries' trunk readings and every query token's neighbours once per scale (at the grid's
+largest neighbour count); each setting then only counts votes and merges (`token_recall.votes_of`,
+`voted_shortlist`), so a grid costs little more than one run. Per setting: recall@k of
 the k-candidate shortlist (what the pair stage can find at all), the share of true copies whose reference the votes
 rank first, and recall@k per edit family. Written to OUT/results.{csv,md} with the command.
 """
