@@ -79,7 +79,7 @@ def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
     grid = list(settings_grid(cfg))
     every_scale = sorted({s for g in grid for s in g.scales})
     queries = data.list_images(layout.queries)
-    readings = tr.query_readings(model, queries, every_scale or [1], report) if every_scale else {}
+    readings = tr.query_readings(model, queries, every_scale, report) if every_scale else {}
     families = edit_families(pd.read_csv(Path(cfg.benchmark) / "edits.csv", dtype=str),
                              set(gt.query_id[gt.reference_id.notna() & (gt.reference_id != "")]))
     half = tuple(int(x) for x in model.half_size)

@@ -171,8 +171,10 @@ def reference_index(procs: Processes, model, references: dict[str, Path], report
 
 
 def shortlist_stage(procs: Processes, model, queries: dict[str, Path], references: dict[str, Path],
-                    report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
-    """The k best references of every query by descriptor similarity (cached in the work folder)."""
+                    report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float],
+                    pair_model=None) -> pd.DataFrame:
+    """The k best references of every query by descriptor similarity (cached in the work folder); with token
+    recall, some places voted by `pair_model`'s tokens (the pair checkpoint is loaded if not given)."""
     key = {"queries": cache.listing(queries), "references": cache.listing(references),
            "model": ix.model_fingerprint(model),
            **{k: getattr(cfg, k) for k in ("k", "views", "factory", "nprobe", "background", "background_n",
@@ -208,7 +210,8 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
                            cfg.background_beta, progress=cfg.progress and procs.is_main and "search",
                            subview_penalty=cfg.subview_penalty, reference_penalty=cfg.reference_penalty)
     if voting:
-        mine = token_shortlist(procs, mine, {q: queries[q] for q in q_ids}, references, report, cfg, stats)
+        mine = token_shortlist(procs, mine, {q: queries[q] for q in q_ids}, references, report, cfg, stats,
+                               pair_model)
     # Every process takes the shortlist as written to the cache, so a fresh and a resumed run continue from
     # exactly the same values.
     text = pd.concat(procs.gather([mine]), ignore_index=True).to_csv(index=False, float_format="%.8g")
@@ -220,7 +223,8 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
 
 
 def token_shortlist(procs: Processes, deep: pd.DataFrame, queries: dict[str, Path], references: dict[str, Path],
-                    report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
+                    report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float],
+                    model=None) -> pd.DataFrame:
     """This process's queries' k-candidate shortlists from their `deep` descriptor lists, the last
     `cfg.token_recall` places given to the references their local tokens vote for (`pair_vit.match.token_recall`),
     with every candidate's votes."""
@@ -228,7 +232,7 @@ def token_shortlist(procs: Processes, deep: pd.DataFrame, queries: dict[str, Pat
 
     start = time.perf_counter()
     settings = tr.TokenRecallSettings(candidates=cfg.token_recall, factory=cfg.token_factory, nprobe=cfg.token_nprobe)
-    model = load_pair(cfg)[0].eval()
+    model = (model if model is not None else load_pair(cfg)[0]).eval()
     if not hasattr(model, "forward_tokens"):  # the pixel pair ViT has no token trunk to vote with
         log.warning("token recall skipped: pair checkpoint %s has no token trunk", cfg.checkpoint or SHIPPED_WEIGHTS)
         return tr.merge_votes(deep, deep.iloc[:0], cfg.k, 0)
@@ -337,7 +341,8 @@ def match(cfg: RerankConfig, load_model: Callable[[Path], Any] | None = None,
 
         load_model = lambda path: load_descriptor(path)[0]  # noqa: E731
     model = load_model(checkpoint).to(procs.device).eval()
-    rows = shortlist_stage(procs, model, queries, references, report, cfg, stats)
+    rows = shortlist_stage(procs, model, queries, references, report, cfg, stats,
+                           pair[0].to(procs.device) if pair is not None else None)
     if pair is None:
         return Matches(rows, report, None, stats, margin=cfg.margin)
     scored = pair_stage(procs, pair[0].to(procs.device), rows, queries, references, report, cfg, stats)

@@ -15,8 +15,9 @@ reference (its best token there). The references with the most votes that the de
 the last `candidates` places of the k-candidate shortlist.
 
 Memory: C floats per reference token (Lite0: 112 x 10 x 10 tokens per reference at 160 px, 44.8 KB float32 in a
-Flat index); a PQ factory (`factory="IVF4096,PQ16"`: 16 bytes + an 8-byte id per token, 2.4 KB per reference) is
-what a million references need (2.4 GB). Settings and measurements: docs/results.md#token-recall.
+Flat index); `factory="IVF{n},SQ8"` (112 bytes + an 8-byte id per token, 12 KB per reference) kept the same recall
+at 3,700 references; a PQ factory (`IVF4096,PQ16`: 2.4 KB per reference) was not measured. Settings and
+measurements: docs/results.md#token-recall.
 """
 from __future__ import annotations
 
@@ -68,10 +69,11 @@ class TokenIndex:
 
     @classmethod
     def build(cls, ids: Sequence[str], tokens: np.ndarray, factory: str = "auto", fingerprint: str = "",
-              total_rows: int = 0, nprobe: int = NPROBE) -> "TokenIndex":
+              total_rows: int = 0) -> "TokenIndex":
         """ids (N,), tokens (N, C, Gh, Gw) of each reference (any float dtype) -> the index of N * Gh * Gw rows.
         factory "auto": `auto_factory(total_rows or N * Gh * Gw)`; an IVF index is trained on these tokens (at
-        most TRAIN_PER_LIST per list, a seeded sample), so pass enough of them when more are `add`ed later."""
+        most TRAIN_PER_LIST per list, a seeded sample), so pass enough of them when more are `add`ed later. How
+        many lists a search visits is the caller's at each search (`neighbours`, `TokenRecallSettings.nprobe`)."""
         import faiss
 
         flat = unit_rows(tokens).reshape(-1, tokens.shape[1])
@@ -82,7 +84,6 @@ class TokenIndex:
             lists = faiss.extract_index_ivf(index).nlist
             sample = np.random.default_rng(0).permutation(len(flat))[:TRAIN_PER_LIST * lists]
             index.train(flat[np.sort(sample)])
-            faiss.extract_index_ivf(index).nprobe = nprobe
         out = cls(index, [], np.zeros(0, np.int64), fingerprint)
         out._add_rows(list(ids), flat, tokens.shape[2] * tokens.shape[3])
         return out

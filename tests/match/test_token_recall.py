@@ -104,7 +104,7 @@ def test_auto_factory_and_an_index_grown_by_add_votes_as_one_built_at_once():
     settings = tr.TokenRecallSettings(neighbours=2, floor=0.0)
     np.testing.assert_allclose(grown.vote(queries, settings)[:, :12], whole.vote(queries, settings), atol=1e-6)
     assert np.argmax(whole.vote(queries, settings)[0]) == 3 and grown.ids[-1] == "extra"
-    ivf = tr.TokenIndex.build(ids, tokens, "IVF2,Flat", nprobe=2)  # every list visited: the exact votes
+    ivf = tr.TokenIndex.build(ids, tokens, "IVF2,Flat")  # every list visited (settings.nprobe 8): the exact votes
     np.testing.assert_allclose(ivf.vote(queries, settings), whole.vote(queries, settings), atol=1e-5)
 
 
