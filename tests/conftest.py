@@ -27,3 +27,15 @@ def train_photos(tmp_path_factory) -> Path:
     for path in list(images.values())[:12]:
         shutil.copyfile(path, out / path.name)
     return out
+
+
+@pytest.fixture(scope="module")
+def demo_benchmark(tmp_path_factory) -> Path:
+    """A small benchmark (12 references, 10 queries) made from the demo photos, one per test module."""
+    from pair_vit import demo_dir
+    from pair_vit.bench import make
+
+    out = tmp_path_factory.mktemp("bench") / "bench"
+    make.run(make.BenchmarkConfig(images=str(demo_dir()), out=str(out), split="all", n_references=12, n_queries=10,
+                                  workers=1))
+    return out

@@ -2,22 +2,12 @@
 import math
 
 import pandas as pd
-import pytest
 
-from pair_vit import demo_dir
-from pair_vit.bench import make, token_sweep
+from pair_vit.bench import token_sweep
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep") / "bench"
-    make.run(make.BenchmarkConfig(images=str(demo_dir()), out=str(out), split="all", n_references=12, n_queries=10,
-                                  workers=1))
-    return out
-
-
-def test_a_grid_of_settings_gets_one_row_each(bench, tmp_path):
-    cfg = token_sweep.TokenSweepConfig(benchmark=str(bench), k=4, scales=["1,2", "1"], floors=[0.5],
+def test_a_grid_of_settings_gets_one_row_each(demo_benchmark, tmp_path):
+    cfg = token_sweep.TokenSweepConfig(benchmark=str(demo_benchmark), k=4, scales=["1,2", "1"], floors=[0.5],
                                        candidates=[0, 2], out=str(tmp_path / "sweep"))
     table = token_sweep.run(cfg, command="test")
     # candidates 0 (the descriptor alone) once, then each reading with 2 voted places

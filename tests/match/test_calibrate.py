@@ -5,8 +5,6 @@ import shutil
 
 import pytest
 
-from pair_vit import demo_dir
-from pair_vit.bench import make
 from pair_vit.match import calibrate
 from pair_vit.match.calibration import Calibration
 from pair_vit.match.rerank import load_pair
@@ -14,18 +12,10 @@ from pair_vit.match.config import RerankConfig
 from pair_vit.pair.model import SHIPPED_WEIGHTS
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cal") / "bench"
-    make.run(make.BenchmarkConfig(images=str(demo_dir()), out=str(out), split="all", n_references=12, n_queries=10,
-                                  workers=1))
-    return out
-
-
-def test_calibrate_writes_the_fit_and_the_vote_features_only_when_asked(bench, tmp_path):
+def test_calibrate_writes_the_fit_and_the_vote_features_only_when_asked(demo_benchmark, tmp_path):
     pair = tmp_path / "pair.pt"
     shutil.copy(SHIPPED_WEIGHTS, pair)
-    common = dict(benchmark=str(bench), checkpoint=str(pair), k=4, token_recall=2, verify="none")
+    common = dict(benchmark=str(demo_benchmark), checkpoint=str(pair), k=4, token_recall=2, verify="none")
     plain = calibrate.run(calibrate.CalibrateConfig(**common, out=str(tmp_path / "plain.json")))
     written = Calibration.read(tmp_path / "plain.json")
     assert written == plain and plain.w_votes == 0.0 and plain.w_inliers == 0.0
