@@ -61,6 +61,19 @@ def _base_type(tp: Any) -> tuple[Any, tuple | None]:
     return tp, None
 
 
+def truth(text) -> bool:
+    """A truth value from the command line or YAML ("true", "False", "1", "no", ...; a bool as it is); a list of
+    bools cannot use `type=bool`, for which every non-empty string is True."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a truth value: {text!r} (true or false)")
+
+
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> None:
     base, literal_choices = _base_type(tp)
     choices = f.metadata.get("choices") or literal_choices
@@ -74,7 +87,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -
     elif base in (list, tuple) or typing.get_origin(base) in (list, tuple):
         item_types = typing.get_args(base) or ([type(default[0])] if default else [str])
         kwargs["nargs"] = "+"
-        kwargs["type"] = item_types[0]
+        kwargs["type"] = truth if item_types[0] is bool else item_types[0]
     else:
         kwargs["type"] = base if base in (int, float, str) else str
         if choices:

@@ -18,6 +18,7 @@ class ToyConfig:
     amp: bool = opt(True, "use bf16 autocast")
     model: str = opt("vit_tiny", "backbone", choices=("vit_tiny", "vit_small"))
     sizes: list = opt([112, 224], "input sizes")
+    switches: list = opt([False], "a grid of on/off settings")
 
 
 def test_defaults():
@@ -36,6 +37,14 @@ def test_yaml_then_flags(tmp_path):
 def test_bool_flags_are_not_type_bool():
     assert parse_config(ToyConfig, ["--no-amp"]).amp is False
     assert parse_config(ToyConfig, ["--amp"]).amp is True
+
+
+def test_a_list_of_bools_reads_false_as_false(capsys):
+    # bool("false") is True: a list of truth values needs its own parser
+    assert parse_config(ToyConfig, ["--switches", "false", "True", "0", "yes"]).switches == [False, True, False, True]
+    with pytest.raises(SystemExit):
+        parse_config(ToyConfig, ["--switches", "maybe"])
+    assert "maybe" in capsys.readouterr().err
 
 
 def test_choices_enforced(tmp_path, capsys):

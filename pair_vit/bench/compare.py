@@ -61,6 +61,7 @@ class CompareConfig:
     token_recall: int = option_like(RerankConfig, "token_recall")
     token_factory: str = option_like(RerankConfig, "token_factory")
     token_nprobe: int = option_like(RerankConfig, "token_nprobe")
+    token_geometry: bool = option_like(RerankConfig, "token_geometry")
     verify: str = opt("sift", "local verification of the reranker's pairs (rows with and without it): sift or "
                               "none", choices=("sift", "none"))
     smoke: str = opt("", "folder of real copy pairs (e.g. ../shared/data/smoke), one sub-folder each: a "
@@ -194,7 +195,7 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
                                pair_views=list(cfg.pair_views), views=cfg.shortlist_views, amp=cfg.amp,
                                reference_views=cfg.reference_views, token_recall=cfg.token_recall,
                                token_factory=cfg.token_factory, token_nprobe=cfg.token_nprobe,
-                               verify=cfg.verify, calibration="none", progress=False)
+                               token_geometry=cfg.token_geometry, verify=cfg.verify, calibration="none", progress=False)
     found, seconds = _timed(lambda: rerank.match(rcfg))
     stored = found.stored_calibration
     rows, scored, stats = [], found.rows, found.stats

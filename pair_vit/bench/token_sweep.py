@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pair_vit import data
-from pair_vit.config import opt, save_config
+from pair_vit.config import opt, save_config, truth
 from pair_vit.io import write_text_atomic
 from pair_vit.metrics import edit_families, recall_at_k
 
@@ -38,6 +38,8 @@ class TokenSweepConfig:
     neighbours: list = opt([3], "reference tokens each query token looks up")
     candidates: list = opt([3], "shortlist places given to voted references (0: the descriptor alone)")
     spreads: list = opt([0.0], "burstiness exponents: a token's votes divided by (references it votes for) ** this")
+    mirrors: list = opt([False], "also vote as the query's mirror image (True/False)")
+    geometry: list = opt([False], "count only votes agreeing on one placement of the reference (True/False)")
     factory: str = opt("Flat", "faiss factory of the reference-token index")
     nprobe: int = opt(16, "lists an IVF token index visits per query token")
     out: str = opt("runs/sweep_token_recall", "folder for results.csv, results.md and the cached descriptor list")
@@ -48,12 +50,12 @@ def settings_grid(cfg: TokenSweepConfig):
     from pair_vit.match.token_recall import TokenRecallSettings
 
     seen = set()
-    for scales, floor, neighbours, spread, candidates in itertools.product(cfg.scales, cfg.floors, cfg.neighbours,
-                                                                          cfg.spreads, cfg.candidates):
+    for scales, floor, neighbours, spread, mirror, geometry, candidates in itertools.product(
+            cfg.scales, cfg.floors, cfg.neighbours, cfg.spreads, cfg.mirrors, cfg.geometry, cfg.candidates):
         scales = tuple(int(s) for s in str(scales).split(","))
         s = (TokenRecallSettings(int(candidates), factory=cfg.factory, nprobe=cfg.nprobe) if int(candidates) == 0
              else TokenRecallSettings(int(candidates), int(neighbours), float(floor), scales, cfg.factory, cfg.nprobe,
-                                      float(spread)))
+                                      float(spread), truth(mirror), truth(geometry)))
         if s not in seen:
             seen.add(s)
             yield s
@@ -80,6 +82,8 @@ def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
     every_scale = sorted({s for g in grid for s in g.scales})
     queries = data.list_images(layout.queries)
     readings = tr.query_readings(model, queries, every_scale, report) if every_scale else {}
+    mirrored = (tr.query_readings(model, queries, every_scale, report, mirror=True)
+                if any(g.mirror for g in grid) else {})
     families = edit_families(pd.read_csv(Path(cfg.benchmark) / "edits.csv", dtype=str),
                              set(gt.query_id[gt.reference_id.notna() & (gt.reference_id != "")]))
     half = tuple(int(x) for x in model.half_size)
@@ -87,8 +91,9 @@ def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
     # then only counts votes (its scales' rows concatenated, its first `neighbours` columns)
     most = max(g.neighbours for g in grid)
     queries_read = list(readings)
-    found = {s: index.neighbours([tr.unit_rows(readings[q][(s * half[0], s * half[1])][None])[0]
-                                  for q in queries_read], most, cfg.nprobe) for s in every_scale}
+    found = {(s, side): index.neighbours([tr.unit_rows(read[q][(s * half[0], s * half[1])][None])[0]
+                                          for q in queries_read], most, cfg.nprobe)
+             for side, read in (("as is", readings), ("mirror", mirrored)) if read for s in every_scale}
     rows = [evaluate(s, index, deep, queries_read, found, gt, families, cfg.k) for s in grid]
     table = pd.DataFrame(rows)
     table.to_csv(out / "results.csv", index=False)
@@ -102,7 +107,8 @@ def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
 def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: dict, gt: pd.DataFrame,
              families: dict[str, set[str]], k: int) -> dict:
     """One setting's row: recall@k of the merged shortlist, vote rank-1 rate, recall@k per edit family.
-    `found`: scale -> `TokenIndex.neighbours` of every query in `query_ids` read at that scale."""
+    `found`: (scale, "as is" or "mirror") -> `TokenIndex.neighbours` of every query in `query_ids` read at that
+    scale, as it is or mirrored."""
     from pair_vit.match import token_recall as tr
 
     truth = gt[gt.reference_id.notna() & (gt.reference_id != "")]
@@ -110,9 +116,12 @@ def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: d
         short = tr.merge_votes(deep, deep.iloc[:0], k, 0)
         first = float("nan")
     else:
-        joined = [tuple(np.concatenate([found[s][i][part] for s in settings.scales]) for part in range(3))
-                  for i in range(len(query_ids))]
-        votes = tr.votes_of(joined, len(index.ids), settings)
+        votes = None
+        for side in ("as is", "mirror") if settings.mirror else ("as is",):
+            joined = [tuple(np.concatenate([found[s, side][i][part] for s in settings.scales]) for part in range(4))
+                      for i in range(len(query_ids))]
+            side_votes = tr.votes_of(joined, len(index.ids), settings, index.grid)
+            votes = side_votes if votes is None else np.maximum(votes, side_votes)
         short = tr.voted_shortlist(deep, query_ids, votes, index.ids, k, settings.candidates)
         best = dict(zip(query_ids, np.asarray(index.ids)[votes.argmax(axis=1)]))
         first = float(np.mean([best.get(q) == r for q, r in zip(truth.query_id, truth.reference_id)]))
@@ -120,7 +129,7 @@ def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: d
     per_query = {q: (q, r) in found_pairs for q, r in zip(truth.query_id, truth.reference_id)}
     row = {"candidates": settings.candidates, "scales": ",".join(map(str, settings.scales)) if settings.candidates
            else "", "floor": settings.floor, "neighbours": settings.neighbours, "spread": settings.spread,
-           f"R@{k}": recall_at_k(short, gt, [k])[k], "votes rank-1": first}
+           "mirror": settings.mirror, "geometry": settings.geometry, f"R@{k}": recall_at_k(short, gt, [k])[k], "votes rank-1": first}
     for name in sorted(families, key=lambda n: -len(families[n])):
         row[f"{name} ({len(families[name])})"] = float(np.mean([per_query[q] for q in families[name]]))
     return row

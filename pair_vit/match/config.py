@@ -66,6 +66,10 @@ class RerankConfig:
     # (docs/results.md#token-recall-at-scale)
     token_nprobe: int = opt(8, "inverted lists an IVF token index visits per query token (fewer: faster votes, "
                                "some lost; docs/results.md#token-recall)")
+    # votes count only where the query's matched tokens agree on one placement of the reference (a Hough vote):
+    # chosen on the tuning benchmark (docs/results.md#token-geometry)
+    token_geometry: bool = opt(False, "token recall counts only the votes of query tokens that agree on where the "
+                                      "reference sits in the query (--no-token-geometry: every vote counts)")
     # 64: at the top of both models' throughput on a 2-core CPU; larger batches fall out of cache and run
     # slower (measured: docs/results.md#batch-size)
     batch_size: int = opt(64, "images (descriptor) or pairs (pair ViT) per forward pass")

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 # RerankConfig's options, with rerank's help and defaults: the detector scores as scripts/rerank.py does.
 SHARED = ("checkpoint", "descriptor_checkpoint", "views", "subview_penalty", "reference_views",
-          "reference_penalty", "token_recall", "token_factory", "token_nprobe", "pair_views", "verify",
+          "reference_penalty", "token_recall", "token_factory", "token_nprobe", "token_geometry", "pair_views", "verify",
           "calibration", "factory", "nprobe", "batch_size", "chunk_queries", "amp", "num_workers")
 FIXED = ("reference_views", "factory")  # properties of a saved collection: `load` refuses other values
 DetectorConfig = dataclasses.make_dataclass("DetectorConfig", [
@@ -372,7 +372,7 @@ class CopyDetector:
         from pair_vit.match import token_recall as tr
 
         start = time.perf_counter()
-        settings = tr.TokenRecallSettings(candidates=s.token_recall, factory=s.token_factory, nprobe=s.token_nprobe)
+        settings = tr.settings_of(s)
         read = tr.query_readings(self.pair, {q: paths[q] for q in q_ids}, settings.scales, report, s.batch_size,
                                  s.amp, images if images.keep_decoded else None)
         found = tr.vote_shortlist(self._token_index(settings), found, tr.rows_of(read), s.shortlist, settings)

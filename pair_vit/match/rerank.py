@@ -182,7 +182,7 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
                                            "reference_penalty")}}
     if cfg.token_recall and not cfg.descriptor_only:
         key.update(token_recall=cfg.token_recall, token_factory=cfg.token_factory, token_nprobe=cfg.token_nprobe,
-                   pair=_pair_fingerprint(cfg),
+                   pair=_pair_fingerprint(cfg), **({"token_geometry": True} if cfg.token_geometry else {}),
                    columns="votes")  # shortlists cached before the votes column are made again
     folder = cache.stage_dir(work_folder(cfg) / "shortlist", key, procs)
     if (folder / "shortlist.csv").is_file():
@@ -231,7 +231,7 @@ def token_shortlist(procs: Processes, deep: pd.DataFrame, queries: dict[str, Pat
     from pair_vit.match import token_recall as tr
 
     start = time.perf_counter()
-    settings = tr.TokenRecallSettings(candidates=cfg.token_recall, factory=cfg.token_factory, nprobe=cfg.token_nprobe)
+    settings = tr.settings_of(cfg)
     model = (model if model is not None else load_pair(cfg)[0]).eval()
     if not hasattr(model, "forward_tokens"):  # the pixel pair ViT has no token trunk to vote with
         log.warning("token recall skipped: pair checkpoint %s has no token trunk", cfg.checkpoint or SHIPPED_WEIGHTS)

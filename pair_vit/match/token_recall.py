@@ -59,13 +59,24 @@ class TokenRecallSettings:
     factory: str = "auto"  # faiss index of reference tokens (inner product on unit vectors): see auto_factory
     nprobe: int = NPROBE  # inverted lists an IVF index visits per query token (set at each vote)
     spread: float = 0.0  # a token's votes are divided by (references it votes for) ** spread (0: plain sums)
+    mirror: bool = False  # the query also votes as its mirror image; each reference keeps the better of the two
+    geometry: bool = False  # only votes that agree on one placement of the reference in the query add up (token_places)
+
+
+def settings_of(cfg) -> TokenRecallSettings:
+    """The settings of a RerankConfig or DetectorConfig (its token_recall, token_factory, token_nprobe and
+    token_geometry); the rest keep their defaults."""
+    return TokenRecallSettings(candidates=cfg.token_recall, factory=cfg.token_factory, nprobe=cfg.token_nprobe,
+                               geometry=cfg.token_geometry)
 
 
 class TokenIndex:
     """Unit-normalised reference tokens in a faiss index, each row owned by one reference."""
 
-    def __init__(self, index, ids: list[str], owner: np.ndarray, fingerprint: str = ""):
+    def __init__(self, index, ids: list[str], owner: np.ndarray, fingerprint: str = "",
+                 grid: Sequence[int] | None = None):
         self.index, self.ids, self.owner, self.fingerprint = index, list(ids), owner.astype(np.int64), fingerprint
+        self.grid = tuple(int(g) for g in grid) if grid is not None else None  # (Gh, Gw) tokens of each reference
 
     @classmethod
     def build(cls, ids: Sequence[str], tokens: np.ndarray, factory: str = "auto", fingerprint: str = "",
@@ -84,12 +95,14 @@ class TokenIndex:
             lists = faiss.extract_index_ivf(index).nlist
             sample = np.random.default_rng(0).permutation(len(flat))[:TRAIN_PER_LIST * lists]
             index.train(flat[np.sort(sample)])
-        out = cls(index, [], np.zeros(0, np.int64), fingerprint)
+        out = cls(index, [], np.zeros(0, np.int64), fingerprint, tokens.shape[2:])
         out._add_rows(list(ids), flat, tokens.shape[2] * tokens.shape[3])
         return out
 
     def add(self, ids: Sequence[str], tokens: np.ndarray) -> None:
         """Add references: ids (N,), tokens (N, C, Gh, Gw)."""
+        if len(ids) and self.grid is not None and tuple(tokens.shape[2:]) != self.grid:
+            raise ValueError(f"tokens of a {tuple(tokens.shape[2:])} grid cannot join an index of {self.grid} grids")
         if len(ids):
             self._add_rows(list(ids), unit_rows(tokens).reshape(-1, tokens.shape[1]), tokens.shape[2] * tokens.shape[3])
 
@@ -103,24 +116,27 @@ class TokenIndex:
 
     def neighbours(self, query_tokens: list[np.ndarray], k: int, nprobe: int = NPROBE) -> list[tuple]:
         """query_tokens: per query, (Nq, C) unit tokens -> per query (similarity (Nq, k) float32, owner (Nq, k) int64:
-        the reference of each neighbour, valid (Nq, k) bool: False for padding), the k nearest reference tokens of
-        every query token (an IVF index visits `nprobe` lists)."""
+        the reference of each neighbour, valid (Nq, k) bool: False for padding, place (Nq, k) int64: the neighbour's
+        row-major position in its reference's grid), the k nearest reference tokens of every query token (an IVF
+        index visits `nprobe` lists)."""
         import faiss
 
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:
             ivf.nprobe = nprobe
+        first = np.searchsorted(self.owner, np.arange(len(self.ids)))  # each reference's first row (rows are contiguous)
         out = []
         for tokens in query_tokens:
             sim, rows = self.index.search(np.ascontiguousarray(tokens, np.float32), min(k, self.index.ntotal))
-            out.append((sim, self.owner[np.maximum(rows, 0)], rows >= 0))
+            owner = self.owner[np.maximum(rows, 0)]
+            out.append((sim, owner, rows >= 0, np.maximum(rows, 0) - first[owner]))
         return out
 
     def vote(self, query_tokens: list[np.ndarray], settings: TokenRecallSettings) -> np.ndarray:
         """query_tokens: per query, (Nq, C) unit tokens (`unit_rows` of each scale, concatenated) -> (Q, N) float32
         vote scores (higher = more of the query found in that reference; 0: no vote)."""
         found = self.neighbours(query_tokens, settings.neighbours, settings.nprobe)
-        return votes_of(found, len(self.ids), settings)
+        return votes_of(found, len(self.ids), settings, self.grid)
 
     def save(self, folder: str | Path) -> None:
         import faiss
@@ -131,7 +147,8 @@ class TokenIndex:
             faiss.write_index(self.index, str(tmp))
         with atomic_path(folder / "owner.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, self.owner)
-        write_text_atomic(folder / META_FILE, json.dumps({"ids": self.ids, "fingerprint": self.fingerprint}))
+        write_text_atomic(folder / META_FILE, json.dumps({"ids": self.ids, "fingerprint": self.fingerprint,
+                                                                 "grid": self.grid}))
 
     @classmethod
     def load(cls, folder: str | Path, expected_fingerprint: str | None = None) -> "TokenIndex":
@@ -145,7 +162,7 @@ class TokenIndex:
             raise ValueError(f"the token index in {folder} holds tokens of pair weights {meta['fingerprint']!r}, not "
                              f"{expected_fingerprint!r}: build it again from the references")
         return cls(faiss.read_index(str(folder / "tokens.faiss")), meta["ids"], np.load(folder / "owner.npy"),
-                   meta["fingerprint"])
+                   meta["fingerprint"], meta.get("grid"))
 
 
 def unit_rows(tokens) -> np.ndarray:
@@ -155,13 +172,22 @@ def unit_rows(tokens) -> np.ndarray:
     return np.ascontiguousarray(rows / np.maximum(np.linalg.norm(rows, axis=2, keepdims=True), 1e-12))
 
 
-def votes_of(found: list[tuple], n_refs: int, settings: TokenRecallSettings) -> np.ndarray:
+def votes_of(found: list[tuple], n_refs: int, settings: TokenRecallSettings,
+             grid: Sequence[int] | None = None) -> np.ndarray:
     """`TokenIndex.neighbours` of Q queries -> (Q, n_refs) float32 votes (`token_votes` with the settings' floor and
-    spread, over the first `settings.neighbours` neighbours)."""
+    spread, over the first `settings.neighbours` neighbours; `token_places.placed_votes` if `settings.geometry`, which
+    needs the references' token `grid` (Gh, Gw), the query's readings being `settings.scales` x that grid)."""
+    from pair_vit.match import token_places
+
     out = np.zeros((len(found), n_refs), np.float32)
     n = settings.neighbours
-    for q, (sim, owner, valid) in enumerate(found):
-        out[q] = token_votes(sim[:, :n], owner[:, :n], valid[:, :n], n_refs, settings.floor, settings.spread)
+    xy = token_places.query_places(settings.scales, grid) if settings.geometry else None
+    for q, (sim, owner, valid, place) in enumerate(found):
+        if settings.geometry:
+            out[q] = token_places.placed_votes(sim[:, :n], owner[:, :n], place[:, :n], valid[:, :n], xy, grid, n_refs,
+                                               settings.floor)
+        else:
+            out[q] = token_votes(sim[:, :n], owner[:, :n], valid[:, :n], n_refs, settings.floor, settings.spread)
     return out
 
 
@@ -292,10 +318,11 @@ def reference_tokens(model, paths: dict[str, Path], report, batch_size: int = 64
 
 
 def query_readings(model, paths: dict[str, Path], scales: Sequence[int], report, batch_size: int = 64,
-                   amp: bool = True, images=None) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
+                   amp: bool = True, images=None, mirror: bool = False) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
     """id -> {(h, w): (C, Gh, Gw) trunk tokens} of each readable query, read whole at each of `scales` x the pair
     model's half size (h, w), decoded as the pair stage decodes queries (`images`: a `TensorCache` to decode
-    with, e.g. one the pair stage shares; `pair_vit.pair.scoring.score_chunk` reuses these readings)."""
+    with, e.g. one the pair stage shares; `pair_vit.pair.scoring.score_chunk` reuses these readings). `mirror`:
+    the tokens of the query's mirror image (left-right) instead, for `TokenRecallSettings.mirror`."""
     import torch
 
     from pair_vit.pair.scoring import TensorCache, load_side, to_uint8, trunk_tokens
@@ -312,8 +339,9 @@ def query_readings(model, paths: dict[str, Path], scales: Sequence[int], report,
         readable = [i for i, x in decoded.items() if x is not None]
         if not readable:
             continue
-        per_size = [trunk_tokens(model, torch.stack([to_uint8(decoded[i], size) for i in readable]), batch_size, amp)
-                    for size in sizes]
+        flip = (lambda x: x.flip(-1)) if mirror else (lambda x: x)
+        per_size = [trunk_tokens(model, torch.stack([flip(to_uint8(decoded[i], size)) for i in readable]), batch_size,
+                                 amp) for size in sizes]
         out.update((i, {size: tokens[j] for size, tokens in zip(sizes, per_size)}) for j, i in enumerate(readable))
     return out
 

@@ -90,6 +90,18 @@ def test_a_small_copy_is_voted_for(tmp_path):
     with pytest.raises(ValueError, match="build it again"):
         tr.TokenIndex.load(tmp_path / "tokens", expected_fingerprint="other weights")
     np.testing.assert_array_equal(again.vote(list(rows.values()), tr.TokenRecallSettings()), votes)
+    assert again.grid == (10, 10)
+    placed = again.vote(list(rows.values()), tr.TokenRecallSettings(geometry=True))  # each cell a placement
+    assert {ids[j] for j in np.argsort(-placed[0])[:4]} == top4 and (placed <= votes + 1e-6).all()
+
+
+def test_neighbours_give_each_match_its_place_in_its_reference():
+    tokens = np.random.default_rng(2).normal(size=(3, 8, 2, 3)).astype(np.float32)
+    index = tr.TokenIndex.build(["a", "b", "c"], tokens, "Flat")
+    sim, owner, valid, place = index.neighbours([tr.unit_rows(tokens[[1]])[0]], 1)[0]  # b's 6 tokens, row-major
+    assert owner[:, 0].tolist() == [1] * 6 and place[:, 0].tolist() == list(range(6)) and valid.all()
+    with pytest.raises(ValueError, match="grid"):
+        index.add(["d"], tokens[:1, :, :1])
 
 
 def test_auto_factory_and_an_index_grown_by_add_votes_as_one_built_at_once():
