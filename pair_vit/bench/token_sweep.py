@@ -9,6 +9,11 @@ largest neighbour count); each setting then only counts votes and merges (`token
 `voted_shortlist`), so a grid costs little more than one run. Per setting: recall@k of
 the k-candidate shortlist (what the pair stage can find at all), the share of true copies whose reference the votes
 rank first, and recall@k per edit family. Written to OUT/results.{csv,md} with the command.
+
+The queries are decoded once, at the size the largest reading needs, so a grid that adds 3 to the scales reads
+the (1, 2) settings from a 480 px decode where rerank.py decodes at 320 px: their figures move by a copy or two
+(tune R@20 0.960 -> 0.968 with geometry-checked votes). Compare settings within one scale set, and take a chosen
+setting's figures from a run of its scales alone.
 """
 from __future__ import annotations
 
@@ -36,10 +41,10 @@ class TokenSweepConfig:
                                 "size (1,2: 160 and 320 px)")
     floors: list = opt([0.5], "vote floors (cosine similarity a neighbour must pass)")
     neighbours: list = opt([3], "reference tokens each query token looks up")
-    candidates: list = opt([3], "shortlist places given to voted references (0: the descriptor alone)")
+    candidates: list = opt([5], "shortlist places given to voted references (0: the descriptor alone)")
     spreads: list = opt([0.0], "burstiness exponents: a token's votes divided by (references it votes for) ** this")
     mirrors: list = opt([False], "also vote as the query's mirror image (True/False)")
-    geometry: list = opt([False], "count only votes agreeing on one placement of the reference (True/False)")
+    geometry: list = opt([True], "count only votes agreeing on one placement of the reference (True/False)")
     factory: str = opt("Flat", "faiss factory of the reference-token index")
     nprobe: int = opt(16, "lists an IVF token index visits per query token")
     out: str = opt("runs/sweep_token_recall", "folder for results.csv, results.md and the cached descriptor list")
@@ -129,7 +134,8 @@ def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: d
     per_query = {q: (q, r) in found_pairs for q, r in zip(truth.query_id, truth.reference_id)}
     row = {"candidates": settings.candidates, "scales": ",".join(map(str, settings.scales)) if settings.candidates
            else "", "floor": settings.floor, "neighbours": settings.neighbours, "spread": settings.spread,
-           "mirror": settings.mirror, "geometry": settings.geometry, f"R@{k}": recall_at_k(short, gt, [k])[k], "votes rank-1": first}
+           "mirror": settings.mirror, "geometry": settings.geometry, f"R@{k}": recall_at_k(short, gt, [k])[k],
+           "votes rank-1": first}
     for name in sorted(families, key=lambda n: -len(families[n])):
         row[f"{name} ({len(families[name])})"] = float(np.mean([per_query[q] for q in families[name]]))
     return row

@@ -55,9 +55,10 @@ class RerankConfig:
                                          "crops of a reference), grid (14)", choices=REFERENCE_VIEWS)
     reference_penalty: float = opt(REFERENCE_SUBVIEW_PENALTY, "subtracted from the similarity of every "
                                    "reference view but the whole image before views are merged")
-    # a second recall path for copies filling a small part of the query (pair_vit.match.token_recall). 3: chosen on
-    # the tuning benchmark (shortlist R@20 0.948 -> 0.960, default uAP 0.935 -> 0.943; docs/results.md#token-recall)
-    token_recall: int = opt(3, "places of the k-candidate shortlist given to references the query's local "
+    # a second recall path for copies filling a small part of the query (pair_vit.match.token_recall). 5 places with
+    # token_geometry: chosen on the tuning benchmark (shortlist R@20 0.948 -> 0.972, default uAP 0.935 -> 0.949;
+    # 3 places with plain votes, the first default: 0.960 and 0.943; docs/results.md#token-geometry)
+    token_recall: int = opt(5, "places of the k-candidate shortlist given to references the query's local "
                                "pair-ViT tokens vote for (0: the descriptor shortlist alone)")
     token_factory: str = opt("auto", "faiss index_factory string for the reference-token index (--token-recall): "
                                      "auto (Flat up to 250,000 tokens, then IVF), Flat, IVF{nlist},Flat, "
@@ -66,9 +67,9 @@ class RerankConfig:
     # (docs/results.md#token-recall-at-scale)
     token_nprobe: int = opt(8, "inverted lists an IVF token index visits per query token (fewer: faster votes, "
                                "some lost; docs/results.md#token-recall)")
-    # votes count only where the query's matched tokens agree on one placement of the reference (a Hough vote):
-    # chosen on the tuning benchmark (docs/results.md#token-geometry)
-    token_geometry: bool = opt(False, "token recall counts only the votes of query tokens that agree on where the "
+    # votes count only where the query's matched tokens agree on one placement of the reference (a Hough vote,
+    # pair_vit.match.token_places): the votes rank the true reference first for 0.740 of tune's copies, not 0.684
+    token_geometry: bool = opt(True, "token recall counts only the votes of query tokens that agree on where the "
                                       "reference sits in the query (--no-token-geometry: every vote counts)")
     # 64: at the top of both models' throughput on a 2-core CPU; larger batches fall out of cache and run
     # slower (measured: docs/results.md#batch-size)

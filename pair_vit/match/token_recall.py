@@ -11,8 +11,10 @@ localize stage already matches those tokens (`pair_vit.pair.localize`). Here, as
 does, every token of the query (read at the pair model's half size and at `scales` x it: 10 x 10 and 20 x 20
 tokens at 160 px) looks up its `neighbours` nearest reference tokens (cosine, a faiss index over all references'
 tokens); each neighbour above `floor` votes `similarity - floor` for its reference, a query token at most once per
-reference (its best token there). The references with the most votes that the descriptor did not shortlist take
-the last `candidates` places of the k-candidate shortlist.
+reference (its best token there). With `geometry` (the default), a reference counts only the votes of query
+tokens whose matches agree on one placement of it in the query (`pair_vit.match.token_places`), so a look-alike
+whose sky or foliage matches all over the query gathers less. The references with the most votes that the
+descriptor did not shortlist take the last `candidates` places of the k-candidate shortlist.
 
 Memory: C floats per reference token (Lite0: 112 x 10 x 10 tokens per reference at 160 px, 44.8 KB float32 in a
 Flat index); `factory="IVF{n},SQ8"` (112 bytes + an 8-byte id per token, 12 KB per reference) kept the same recall
@@ -52,7 +54,7 @@ def auto_factory(rows: int) -> str:
 class TokenRecallSettings:
     """How query tokens vote (`vote`) and how many voted references join the shortlist (`merge_votes`)."""
 
-    candidates: int = 3  # places of the k-candidate shortlist given to voted references (0: the path is off)
+    candidates: int = 5  # places of the k-candidate shortlist given to voted references (0: the path is off)
     neighbours: int = 3  # reference tokens each query token looks up
     floor: float = 0.5  # a neighbour votes (similarity - floor) if its cosine similarity is above this
     scales: tuple[int, ...] = (1, 2)  # the query is read at these multiples of the pair model's half size
@@ -60,7 +62,7 @@ class TokenRecallSettings:
     nprobe: int = NPROBE  # inverted lists an IVF index visits per query token (set at each vote)
     spread: float = 0.0  # a token's votes are divided by (references it votes for) ** spread (0: plain sums)
     mirror: bool = False  # the query also votes as its mirror image; each reference keeps the better of the two
-    geometry: bool = False  # only votes that agree on one placement of the reference in the query add up (token_places)
+    geometry: bool = True  # only votes that agree on one placement of the reference in the query add up (token_places)
 
 
 def settings_of(cfg) -> TokenRecallSettings:
@@ -124,7 +126,7 @@ class TokenIndex:
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:
             ivf.nprobe = nprobe
-        first = np.searchsorted(self.owner, np.arange(len(self.ids)))  # each reference's first row (rows are contiguous)
+        first = np.searchsorted(self.owner, np.arange(len(self.ids)))  # each reference's first row (contiguous rows)
         out = []
         for tokens in query_tokens:
             sim, rows = self.index.search(np.ascontiguousarray(tokens, np.float32), min(k, self.index.ntotal))
@@ -184,6 +186,9 @@ def votes_of(found: list[tuple], n_refs: int, settings: TokenRecallSettings,
     xy = token_places.query_places(settings.scales, grid) if settings.geometry else None
     for q, (sim, owner, valid, place) in enumerate(found):
         if settings.geometry:
+            if len(sim) != len(xy):
+                raise ValueError(f"geometry-checked votes need each query read at scales {settings.scales} of the "
+                                 f"{grid} grid ({len(xy)} tokens), not {len(sim)} tokens")
             out[q] = token_places.placed_votes(sim[:, :n], owner[:, :n], place[:, :n], valid[:, :n], xy, grid, n_refs,
                                                settings.floor)
         else:
@@ -318,7 +323,8 @@ def reference_tokens(model, paths: dict[str, Path], report, batch_size: int = 64
 
 
 def query_readings(model, paths: dict[str, Path], scales: Sequence[int], report, batch_size: int = 64,
-                   amp: bool = True, images=None, mirror: bool = False) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
+                   amp: bool = True, images=None,
+                   mirror: bool = False) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
     """id -> {(h, w): (C, Gh, Gw) trunk tokens} of each readable query, read whole at each of `scales` x the pair
     model's half size (h, w), decoded as the pair stage decodes queries (`images`: a `TensorCache` to decode
     with, e.g. one the pair stage shares; `pair_vit.pair.scoring.score_chunk` reuses these readings). `mirror`:

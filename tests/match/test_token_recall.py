@@ -45,7 +45,8 @@ def test_vote_shortlist_gives_every_candidate_its_votes():
     deep = pd.DataFrame({"query_id": ["q"] * 2 + ["u"], "reference_id": ["r1", "r2", "r1"],
                          "score": np.array([0.9, 0.8, 0.7], np.float32)})
     rows = {"q": tr.unit_rows(tokens[[0]])[0]}  # one token, identical to r0's; "u" has no tokens (unreadable)
-    out = tr.vote_shortlist(index, deep, rows, k=2, settings=tr.TokenRecallSettings(candidates=1, neighbours=3))
+    settings = tr.TokenRecallSettings(candidates=1, neighbours=3, geometry=False)
+    out = tr.vote_shortlist(index, deep, rows, k=2, settings=settings)
     # q: r1 keeps the descriptor's place, r0 is voted in (1 - 0.5) at the lowest listed similarity; r1 is
     # orthogonal (no vote), r2 at cos 0.707 votes 0.207 but is out of the k=2 places
     assert out.values.tolist() == [["q", "r1", pytest.approx(0.9), 0.0], ["q", "r0", pytest.approx(0.8), 0.5],
@@ -82,14 +83,14 @@ def test_a_small_copy_is_voted_for(tmp_path):
     index = tr.TokenIndex.build(ids, tokens, fingerprint="shipped")
     rows = tr.query_rows(model, {"collage": tmp_path / "collage.jpg"}, (1, 2), report)
     assert rows["collage"].shape == (100 + 400, 112)
-    votes = index.vote(list(rows.values()), tr.TokenRecallSettings())
+    votes = index.vote(list(rows.values()), tr.TokenRecallSettings(geometry=False))
     top4 = {ids[j] for j in np.argsort(-votes[0])[:4]}
     assert top4 == {p.stem for p in [target, *others]}  # the four pasted photos, none of the other demo photos
     index.save(tmp_path / "tokens")
     again = tr.TokenIndex.load(tmp_path / "tokens", expected_fingerprint="shipped")
     with pytest.raises(ValueError, match="build it again"):
         tr.TokenIndex.load(tmp_path / "tokens", expected_fingerprint="other weights")
-    np.testing.assert_array_equal(again.vote(list(rows.values()), tr.TokenRecallSettings()), votes)
+    np.testing.assert_array_equal(again.vote(list(rows.values()), tr.TokenRecallSettings(geometry=False)), votes)
     assert again.grid == (10, 10)
     placed = again.vote(list(rows.values()), tr.TokenRecallSettings(geometry=True))  # each cell a placement
     assert {ids[j] for j in np.argsort(-placed[0])[:4]} == top4 and (placed <= votes + 1e-6).all()
@@ -102,6 +103,8 @@ def test_neighbours_give_each_match_its_place_in_its_reference():
     assert owner[:, 0].tolist() == [1] * 6 and place[:, 0].tolist() == list(range(6)) and valid.all()
     with pytest.raises(ValueError, match="grid"):
         index.add(["d"], tokens[:1, :, :1])
+    with pytest.raises(ValueError, match="scales"):  # 6 tokens are not a query read at 1x and 2x the grid (30)
+        index.vote([tr.unit_rows(tokens[[1]])[0]], tr.TokenRecallSettings(geometry=True))
 
 
 def test_auto_factory_and_an_index_grown_by_add_votes_as_one_built_at_once():
@@ -113,7 +116,7 @@ def test_auto_factory_and_an_index_grown_by_add_votes_as_one_built_at_once():
     whole = tr.TokenIndex.build(ids, tokens, "Flat")
     grown = tr.index_from(ids, lambda part: tokens[[ids.index(i) for i in part]], "Flat", chunk=5)
     grown.add(["extra"], tokens[[0]])
-    settings = tr.TokenRecallSettings(neighbours=2, floor=0.0)
+    settings = tr.TokenRecallSettings(neighbours=2, floor=0.0, geometry=False)
     np.testing.assert_allclose(grown.vote(queries, settings)[:, :12], whole.vote(queries, settings), atol=1e-6)
     assert np.argmax(whole.vote(queries, settings)[0]) == 3 and grown.ids[-1] == "extra"
     ivf = tr.TokenIndex.build(ids, tokens, "IVF2,Flat")  # every list visited (settings.nprobe 8): the exact votes
@@ -126,10 +129,10 @@ def test_nprobe_is_the_settings_at_each_vote():
     ids = [f"r{i}" for i in range(40)]
     index = tr.TokenIndex.build(ids, tokens, "IVF8,Flat")
     queries = [tr.unit_rows(tokens[[i]] + rng.normal(scale=0.3, size=(1, 8, 2, 2)))[0] for i in range(6)]
-    exact = tr.TokenIndex.build(ids, tokens, "Flat").vote(queries, tr.TokenRecallSettings(floor=0.0))
-    every = index.vote(queries, tr.TokenRecallSettings(floor=0.0, nprobe=8))
+    exact = tr.TokenIndex.build(ids, tokens, "Flat").vote(queries, tr.TokenRecallSettings(floor=0.0, geometry=False))
+    every = index.vote(queries, tr.TokenRecallSettings(floor=0.0, nprobe=8, geometry=False))
     np.testing.assert_allclose(every, exact, atol=1e-5)  # every list visited: exact
-    one = index.vote(queries, tr.TokenRecallSettings(floor=0.0, nprobe=1))
+    one = index.vote(queries, tr.TokenRecallSettings(floor=0.0, nprobe=1, geometry=False))
     assert not np.allclose(one, exact)  # one list of eight: some neighbours missed
     assert faiss_nprobe(index) == 1
 
