@@ -61,7 +61,9 @@ class TokenRecallSettings:
     factory: str = "auto"  # faiss index of reference tokens (inner product on unit vectors): see auto_factory
     nprobe: int = NPROBE  # inverted lists an IVF index visits per query token (set at each vote)
     spread: float = 0.0  # a token's votes are divided by (references it votes for) ** spread (0: plain sums)
-    mirror: bool = False  # the query also votes as its mirror image; each reference keeps the better of the two
+    # the query also votes as its mirror image, each reference keeping the better of the two: read by the sweep only
+    # (scripts/sweep_token_recall.py --mirrors; no gain on tune), not by rerank.py or CopyDetector
+    mirror: bool = False
     geometry: bool = True  # only votes that agree on one placement of the reference in the query add up (token_places)
 
 
@@ -183,6 +185,9 @@ def votes_of(found: list[tuple], n_refs: int, settings: TokenRecallSettings,
 
     out = np.zeros((len(found), n_refs), np.float32)
     n = settings.neighbours
+    if settings.geometry and grid is None:
+        raise ValueError("geometry-checked votes need the references' token grid, which this token index was saved "
+                         "without: build it again from the references (or vote with geometry=False)")
     xy = token_places.query_places(settings.scales, grid) if settings.geometry else None
     for q, (sim, owner, valid, place) in enumerate(found):
         if settings.geometry:

@@ -105,6 +105,9 @@ def test_neighbours_give_each_match_its_place_in_its_reference():
         index.add(["d"], tokens[:1, :, :1])
     with pytest.raises(ValueError, match="scales"):  # 6 tokens are not a query read at 1x and 2x the grid (30)
         index.vote([tr.unit_rows(tokens[[1]])[0]], tr.TokenRecallSettings(geometry=True))
+    saved_before = tr.TokenIndex(index.index, index.ids, index.owner)  # an index saved before it kept its grid
+    with pytest.raises(ValueError, match="build it again"):
+        saved_before.vote([tr.unit_rows(tokens[[1]])[0]], tr.TokenRecallSettings(geometry=True))
 
 
 def test_auto_factory_and_an_index_grown_by_add_votes_as_one_built_at_once():
