@@ -40,7 +40,8 @@ class StagesBenchConfig:
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """"token_recall=0 verify=none" -> {"token_recall": 0, "verify": "none"}; "default" -> {}."""
+    """"token_recall=0 verify=none token_geometry=false" -> {"token_recall": 0, "verify": "none", "token_geometry":
+    False}; "default" -> {}."""
     options: dict[str, Any] = {}
     for part in text.split():
         if part == "default":
@@ -48,7 +49,10 @@ def parse_variant(text: str) -> dict[str, Any]:
         name, sep, value = part.partition("=")
         if not sep or not name:
             raise ValueError(f"bad variant {text!r}: expected default or setting=value ...")
-        options[name] = int(value) if value.lstrip("-").isdigit() else value
+        if value.lower() in ("true", "false"):
+            options[name] = value.lower() == "true"  # the string "false" would read as True
+        else:
+            options[name] = int(value) if value.lstrip("-").isdigit() else value
     return options
 
 

@@ -14,6 +14,7 @@ from pair_vit.match.detector import CopyDetector
 def test_parse_variant():
     assert stages.parse_variant("default") == {}
     assert stages.parse_variant("token_recall=0 verify=none") == {"token_recall": 0, "verify": "none"}
+    assert stages.parse_variant("token_geometry=false amp=True") == {"token_geometry": False, "amp": True}
     with pytest.raises(ValueError, match="setting=value"):
         stages.parse_variant("token_recall")
 
