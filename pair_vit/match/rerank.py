@@ -182,6 +182,7 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
                                            "reference_penalty")}}
     if cfg.token_recall and not cfg.descriptor_only:
         key.update(token_recall=cfg.token_recall, token_factory=cfg.token_factory, token_nprobe=cfg.token_nprobe,
+                   # only when on: plain-vote shortlists cached before the option keep their key
                    pair=_pair_fingerprint(cfg), **({"token_geometry": True} if cfg.token_geometry else {}),
                    columns="votes")  # shortlists cached before the votes column are made again
     folder = cache.stage_dir(work_folder(cfg) / "shortlist", key, procs)

@@ -60,13 +60,13 @@ def placed_votes(similarity: np.ndarray, owner: np.ndarray, place: np.ndarray, v
             for shift, cx in zip((0.0, 0.5), bx):
                 cy = np.floor((qy - sy * ry + 1) / cell + shift).astype(np.int64)
                 bin_ = ref * side * side + cx * side + cy  # one (reference, offset cell) for this size
-                best_per_token = _max_per_key(bin_ * n_tokens + token, w)
+                best_per_token = max_per_key(bin_ * n_tokens + token, w)
                 sums = _sum_per_key(best_per_token[0] // n_tokens, best_per_token[1])
                 np.maximum.at(out, sums[0] // (side * side), sums[1])
     return out
 
 
-def _max_per_key(key: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def max_per_key(key: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(keys, their largest value) for each distinct key."""
     keys, slot = np.unique(key, return_inverse=True)
     best = np.zeros(len(keys), np.float32)

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pair_vit.io import atomic_path, write_text_atomic
+from pair_vit.match.token_places import max_per_key
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +82,8 @@ class TokenIndex:
                  grid: Sequence[int] | None = None):
         self.index, self.ids, self.owner, self.fingerprint = index, list(ids), owner.astype(np.int64), fingerprint
         self.grid = tuple(int(g) for g in grid) if grid is not None else None  # (Gh, Gw) tokens of each reference
+        # each reference's first row (its rows are contiguous): a neighbour's place in its grid is row - first
+        self.first = np.searchsorted(self.owner, np.arange(len(self.ids)))
 
     @classmethod
     def build(cls, ids: Sequence[str], tokens: np.ndarray, factory: str = "auto", fingerprint: str = "",
@@ -111,6 +114,7 @@ class TokenIndex:
             self._add_rows(list(ids), unit_rows(tokens).reshape(-1, tokens.shape[1]), tokens.shape[2] * tokens.shape[3])
 
     def _add_rows(self, ids: list[str], flat: np.ndarray, per_ref: int) -> None:
+        self.first = np.concatenate([self.first, len(self.owner) + per_ref * np.arange(len(ids))])
         self.index.add(flat)
         self.owner = np.concatenate([self.owner, np.repeat(np.arange(len(self.ids), len(self.ids) + len(ids)), per_ref)])
         self.ids += ids
@@ -128,12 +132,11 @@ class TokenIndex:
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:
             ivf.nprobe = nprobe
-        first = np.searchsorted(self.owner, np.arange(len(self.ids)))  # each reference's first row (contiguous rows)
         out = []
         for tokens in query_tokens:
             sim, rows = self.index.search(np.ascontiguousarray(tokens, np.float32), min(k, self.index.ntotal))
             owner = self.owner[np.maximum(rows, 0)]
-            out.append((sim, owner, rows >= 0, np.maximum(rows, 0) - first[owner]))
+            out.append((sim, owner, rows >= 0, np.maximum(rows, 0) - self.first[owner]))
         return out
 
     def vote(self, query_tokens: list[np.ndarray], settings: TokenRecallSettings) -> np.ndarray:
@@ -211,9 +214,7 @@ def token_votes(similarity: np.ndarray, owner: np.ndarray, valid: np.ndarray, n_
     weight = np.where(valid, np.maximum(similarity - floor, 0), 0).astype(np.float32).ravel()
     token = np.repeat(np.arange(similarity.shape[0], dtype=np.int64), similarity.shape[1])
     key = token * n_refs + owner.ravel().astype(np.int64)  # one (query token, reference) pair per key
-    pairs, slot = np.unique(key, return_inverse=True)
-    best = np.zeros(len(pairs), np.float32)
-    np.maximum.at(best, slot.ravel(), weight)  # a query token votes once per reference: its best neighbour there
+    pairs, best = max_per_key(key, weight)  # a query token votes once per reference: its best neighbour there
     if spread:
         voter = pairs // n_refs
         counts = np.bincount(voter[best > 0], minlength=similarity.shape[0]).astype(np.float32)
