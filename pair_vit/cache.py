@@ -9,7 +9,10 @@ Both rescoring stages of `scripts/rerank.py` (pair-ViT logits, `pair_vit.pair.sc
 `pair_vit.match.verify`) are expensive per pair, so they run through `run_chunks`: the shortlist's queries, sorted
 by id, are cut into chunks of `chunk_queries` (the layout does not depend on the number of processes);
 process r of `world` computes the chunks c with c % world == r; each finished chunk is written atomically
-to `cache_dir/chunk_XXXXXX.csv` and a rerun reads it back instead of computing it again.
+to `cache_dir/chunk_<digest of its rows>.csv` and a rerun reads it back instead of computing it again.
+Results are also reused pair by pair: a chunk not on disk takes every (query_id, reference_id) pair already
+computed in `cache_dir` (by any earlier chunk or shortlist) and computes only the rest, so a changed shortlist
+(another descriptor, token recall) costs its new pairs only. The stage's key therefore leaves the shortlist out.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from pair_vit import data
@@ -75,6 +79,9 @@ def chunk_plan(query_ids: Sequence[str], chunk_queries: int) -> list[list[str]]:
     return [ids[i:i + chunk_queries] for i in range(0, len(ids), chunk_queries)]
 
 
+KEYS = ["query_id", "reference_id"]
+
+
 def run_chunks(shortlist: pd.DataFrame, compute: Callable[[pd.DataFrame], pd.DataFrame], empty: pd.DataFrame,
                cache_dir: str | Path | None = None, chunk_queries: int = 32, rank: int = 0, world: int = 1,
                float_format: str = "%.6g", units_per_row: int = 1, desc: str = "scoring",
@@ -82,23 +89,25 @@ def run_chunks(shortlist: pd.DataFrame, compute: Callable[[pd.DataFrame], pd.Dat
     """`compute(rows)` over this process's chunks of `shortlist` (rows of whole queries in, rows out).
 
     Returns (the concatenated outputs, or `empty` if this process has no chunk; the number of rows computed
-    by this call, i.e. not read back from `cache_dir`). `units_per_row`: progress units per shortlist row
-    (e.g. pair views). `on_chunk(units)` is called after each chunk (progress, throughput)."""
+    by this call, i.e. not read back or reused from `cache_dir`). `empty` gives the output columns; `compute`
+    may drop rows (unreadable images) but must keep the others' (query_id, reference_id). `units_per_row`:
+    progress units per shortlist row (e.g. pair views). `on_chunk(units)` is called after each chunk."""
     from tqdm import tqdm
 
     by_query = dict(tuple(shortlist.groupby("query_id", sort=False)))
     mine = [(c, ids) for c, ids in enumerate(chunk_plan(shortlist.query_id, chunk_queries)) if c % world == rank]
+    known = stored_pairs(cache_dir, empty, shortlist.columns) if cache_dir and mine else None
     parts, n_computed = [], 0
     bar = tqdm(total=sum(len(by_query[q]) for _, ids in mine for q in ids) * units_per_row, desc=desc,
                unit="pair", disable=not progress, smoothing=0.1)
-    for c, ids in mine:
-        path = Path(cache_dir) / f"chunk_{c:06d}.csv" if cache_dir else None
+    for _, ids in mine:
         rows = pd.concat([by_query[q] for q in ids], ignore_index=True)
+        path = Path(cache_dir) / f"chunk_{digest(rows.to_csv(index=False))}.csv" if cache_dir else None
         if path is not None and path.is_file():
             part = pd.read_csv(path, dtype={"query_id": str, "reference_id": str})
         else:
-            part = compute(rows)
-            n_computed += len(part)
+            part, n = _compute_new(rows, compute, known, empty)
+            n_computed += n
             if path is not None:
                 with atomic_path(path) as tmp:
                     part.to_csv(tmp, index=False, float_format=float_format)
@@ -109,6 +118,35 @@ def run_chunks(shortlist: pd.DataFrame, compute: Callable[[pd.DataFrame], pd.Dat
     bar.close()
     parts = [p for p in parts if len(p)]  # a header-only chunk read back from CSV has no dtypes to keep
     return (pd.concat(parts, ignore_index=True) if parts else empty), n_computed
+
+
+def stored_pairs(cache_dir: str | Path, empty: pd.DataFrame, inputs: Sequence[str]) -> pd.DataFrame | None:
+    """Every pair's computed columns (those of `empty` not among the shortlist's `inputs`) from the chunk files
+    in `cache_dir`, indexed by (query_id, reference_id); None if there are none."""
+    parts = [pd.read_csv(f, dtype={"query_id": str, "reference_id": str})
+             for f in sorted(Path(cache_dir).glob("chunk_*.csv"))]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return None
+    known = pd.concat(parts, ignore_index=True).drop_duplicates(KEYS, keep="last")
+    return known.set_index(KEYS)[[c for c in empty.columns if c not in inputs]]
+
+
+def _compute_new(rows: pd.DataFrame, compute: Callable[[pd.DataFrame], pd.DataFrame], known: pd.DataFrame | None,
+                 empty: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(`compute` over the rows not in `known`, joined with the known rows' stored columns in `rows`' order;
+    the number of rows computed)."""
+    if known is None:
+        part = compute(rows)
+        return part, len(part)
+    seen = pd.MultiIndex.from_frame(rows[KEYS]).isin(known.index)
+    new = compute(rows[~seen].reset_index(drop=True)) if (~seen).any() else empty
+    # the shortlist's own columns (e.g. the descriptor score) come from `rows`, the computed ones from the store
+    old = rows[seen].join(known, on=KEYS)
+    order = {pair: i for i, pair in enumerate(zip(rows.query_id, rows.reference_id))}
+    part = pd.concat([p[list(empty.columns)] for p in (old, new) if len(p)] or [empty], ignore_index=True)
+    position = [order[pair] for pair in zip(part.query_id, part.reference_id)]
+    return part.iloc[np.argsort(position, kind="stable")].reset_index(drop=True), len(new)
 
 
 class ImageCache:

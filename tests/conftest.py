@@ -17,6 +17,21 @@ def fresh_accelerate_state():
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture
+def drop_chunk():
+    """drop_chunk(folder, query_id): delete the cached chunk file holding `query_id`'s pairs, as if the run was
+    killed while computing it (chunk files are named by their content, `pair_vit.cache`)."""
+    import pandas as pd
+
+    def drop(folder: Path, query_id: str) -> None:
+        held = [f for f in Path(folder).glob("chunk_*.csv")
+                if query_id in set(pd.read_csv(f, dtype={"query_id": str}).query_id)]
+        assert len(held) == 1, f"{len(held)} chunk files hold {query_id}"
+        held[0].unlink()
+
+    return drop
+
+
 @pytest.fixture(scope="module")
 def train_photos(tmp_path_factory) -> Path:
     """A dozen demo photos (train side of the split) copied into a temporary folder, one folder per test module."""

@@ -58,6 +58,8 @@ class CompareConfig:
                                          "descriptor rows with full references are added for comparison",
                                choices=REFERENCE_VIEWS)
     rerank_k: int = opt(20, "shortlist size the pair ViT rescores")
+    rerank_work: str = opt("", "work folder of the reranker (default OUT/rerank.work); runs on one benchmark that "
+                               "share it score each pair once, whatever their shortlists")
     token_recall: int = option_like(RerankConfig, "token_recall")
     token_factory: str = option_like(RerankConfig, "token_factory")
     token_nprobe: int = option_like(RerankConfig, "token_nprobe")
@@ -189,8 +191,9 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
     from pair_vit.match import rerank
     from pair_vit.match.calibration import Calibration
 
+    work = cfg.rerank_work or str(out / "rerank.work")
     rcfg = rerank.RerankConfig(queries=str(layout.queries), references=str(layout.references),
-                               output=str(out / "rerank.csv"), work_dir=str(out / "rerank.work"), k=cfg.rerank_k,
+                               output=str(out / "rerank.csv"), work_dir=work, k=cfg.rerank_k,
                                checkpoint=cfg.pair_checkpoint, descriptor_checkpoint=cfg.descriptor_checkpoint,
                                pair_views=list(cfg.pair_views), views=cfg.shortlist_views, amp=cfg.amp,
                                reference_views=cfg.reference_views, token_recall=cfg.token_recall,

@@ -15,7 +15,8 @@ Resuming: intermediate results live in a work folder (default OUTPUT.work/): the
 `--index DIR` names a shared one; an index built with another descriptor is refused), the shortlist, and
 the pair scores and the verification inliers in chunks of `--chunk-queries` queries (`pair_vit.cache`). A
 killed run restarted with the same arguments reuses them; each stage's cache is dropped when its inputs
-(images, weights, settings) change.
+(images, weights, settings) change. The pair and verify stages also reuse every pair they scored before, so a
+run with another shortlist (descriptor, `--k`, token recall) scores only its new pairs.
 
 Under `accelerate launch` (any number of processes, CPU or GPU) references, background photos and queries
 are split between the processes for embedding, the pair-scoring chunks are dealt out round-robin, and the
@@ -285,11 +286,12 @@ def pair_stage(procs: Processes, model, shortlist: pd.DataFrame, queries: dict[s
                stats: dict[str, float]) -> pd.DataFrame:
     """Pair-ViT logits for every shortlisted pair (cached chunk by chunk in the work folder)."""
     shortlist = shortlist[list(PAIR_COLUMNS)]  # the votes are the calibration's, not the pair model's input
-    key = {"shortlist": cache.digest(shortlist.to_csv(index=False)),
-           "model": ix.model_fingerprint(model), "views": expand_views(cfg.pair_views),
+    # No shortlist in the key: results are reused pair by pair (`pair_vit.cache`), so a new shortlist scores
+    # only its new pairs; the folder is dropped when what scores a pair changes.
+    key = {"model": ix.model_fingerprint(model), "views": expand_views(cfg.pair_views),
            # what the model reads besides its weights: the same weights localizing or not score differently
            "reads": {k: model.model_args.get(k) for k in ("input_size", "localize")},
-           "chunk_queries": cfg.chunk_queries, "amp": cfg.amp}
+           "amp": cfg.amp, "reuse": "pairs"}
     folder = cache.stage_dir(work_folder(cfg) / "pairs", key, procs)
     start = time.perf_counter()
     rows, n_scored = score_shortlist(model, shortlist, queries, references, cfg.pair_views, report, folder,
@@ -306,8 +308,7 @@ def verify_stage(procs: Processes, shortlist: pd.DataFrame, queries: dict[str, P
                  report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
     """SIFT RANSAC inliers of every shortlisted pair: query_id, reference_id, inliers (cached chunk by chunk)."""
     shortlist = shortlist[list(PAIR_COLUMNS)]
-    key = {"shortlist": cache.digest(shortlist.to_csv(index=False)),
-           "verify": cfg.verify, "method": VERIFY_METHOD, "chunk_queries": cfg.chunk_queries}
+    key = {"verify": cfg.verify, "method": VERIFY_METHOD, "reuse": "pairs"}  # no shortlist: see pair_stage
     folder = cache.stage_dir(work_folder(cfg) / "verify", key, procs)
     start = time.perf_counter()
     rows, n_verified = verify_shortlist(shortlist, queries, references, report, folder, cfg.chunk_queries,

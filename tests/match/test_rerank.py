@@ -245,14 +245,16 @@ def test_rerank_scores_every_candidate_with_the_stored_calibration(folders, chec
     assert found.calibration == Calibration() and found.stored_calibration == Calibration(**CALIBRATION)
 
 
-def test_killed_rerank_resumes_without_redoing_work(folders, checkpoint, pair_checkpoint, tmp_path, monkeypatch):
+def test_killed_rerank_resumes_without_redoing_work(folders, checkpoint, pair_checkpoint, tmp_path, monkeypatch,
+                                                    drop_chunk):
     from pair_vit.pair import scoring as pair_scoring
 
     queries, refs, _ = folders
     cfg = pair_config(queries, refs, tmp_path / "sub.csv", checkpoint, pair_checkpoint, chunk_queries=1)
     first = rerank.run(cfg)
     work = tmp_path / "sub.csv.work"
-    (work / "pairs" / "chunk_000001.csv").unlink()  # as if killed while scoring the second query
+    drop_chunk(work / "pairs", "Q4")  # as if killed while scoring the second query
+    embed = ix.embed_folder
     monkeypatch.setattr(ix, "embed_folder", lambda *a, **k: pytest.fail("embedded again"))
     calls = []
     real = pair_scoring.score_chunk
@@ -262,6 +264,11 @@ def test_killed_rerank_resumes_without_redoing_work(folders, checkpoint, pair_ch
     assert len(calls) == 1
     pd.testing.assert_frame_equal(first, again)
     assert "Qbad.jpg" in (tmp_path / "sub.csv.skipped.csv").read_text()  # remembered from the cached stage
+    # another shortlist (here a shorter one) reuses the pairs scored before: nothing is scored again
+    monkeypatch.setattr(ix, "embed_folder", embed)  # the new shortlist embeds the queries again
+    cfg.k = 2
+    shorter = rerank.run(cfg)
+    assert len(calls) == 1 and len(shorter) == 4
     # changed inputs drop the cache: another pair view set is scored afresh
     cfg.pair_views = ["full", "hflip"]
     rerank.run(cfg)

@@ -60,11 +60,11 @@ def test_an_inverted_or_mirrored_copy_is_verified_through_the_query_variants(pho
         V.KeypointCache(paths, data.SkipReport(), variants=("rotated",))
 
 
-def test_verify_shortlist_resumes_from_cached_chunks(photos, tmp_path, monkeypatch):
+def test_verify_shortlist_resumes_from_cached_chunks(photos, tmp_path, monkeypatch, drop_chunk):
     rows = pd.concat([shortlist(q, ["P0", "P1"]) for q in ("copy", "P2", "bad")], ignore_index=True)
     first, n_first = V.verify_shortlist(rows, photos, photos, data.SkipReport(), tmp_path, chunk_queries=1)
     assert n_first == 4 and set(first.query_id) == {"copy", "P2"}  # the unreadable query gets no rows
-    (tmp_path / "chunk_000002.csv").unlink()  # as if killed during the last query ("copy")
+    drop_chunk(tmp_path, "copy")  # as if killed during the last query ("copy")
     calls = []
     real = V.verify_chunk
     monkeypatch.setattr(V, "verify_chunk", lambda *a: calls.append(1) or real(*a))

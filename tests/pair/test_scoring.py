@@ -93,14 +93,14 @@ def test_score_chunk_max_over_views_and_skips_unreadable(model, photos):
     assert out.set_index("reference_id").logit_full[refs[1]] == pytest.approx(expected, abs=1e-4)
 
 
-def test_score_shortlist_resumes_from_cached_chunks(model, photos, tmp_path, monkeypatch):
+def test_score_shortlist_resumes_from_cached_chunks(model, photos, tmp_path, monkeypatch, drop_chunk):
     refs = [i for i in photos if i != "bad"]
     shortlist = shortlist_of(photos, refs)
     cache = tmp_path / "pairs"
     first, n_first = ps.score_shortlist(model, shortlist, photos, photos, ["full"], data.SkipReport(), cache,
                                         chunk_queries=2, amp=False)
     assert n_first == len(refs) * len(refs) and len(list(cache.glob("chunk_*.csv"))) == 2
-    (cache / "chunk_000001.csv").unlink()  # as if killed during the second chunk
+    drop_chunk(cache, sorted(set(shortlist.query_id))[2])  # as if killed during the second chunk
     calls = []
     real = ps.score_chunk
     monkeypatch.setattr(ps, "score_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
