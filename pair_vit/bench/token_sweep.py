@@ -28,6 +28,7 @@ import pandas as pd
 from pair_vit import data
 from pair_vit.config import opt, save_config, truth
 from pair_vit.io import write_text_atomic
+from pair_vit.match.token_places import CELL, SIZES
 from pair_vit.metrics import edit_families, recall_at_k
 
 
@@ -45,6 +46,9 @@ class TokenSweepConfig:
     spreads: list = opt([0.0], "burstiness exponents: a token's votes divided by (references it votes for) ** this")
     mirrors: list = opt([False], "also vote as the query's mirror image (True/False)")
     geometry: list = opt([True], "count only votes agreeing on one placement of the reference (True/False)")
+    sizes: list = opt([",".join(map(str, SIZES))], "geometry: sets of the copy's shares of the query's width and "
+                                                    "height to try, each comma-separated")
+    cells: list = opt([CELL], "geometry: offset cell widths, as a share of the query's side")
     factory: str = opt("Flat", "faiss factory of the reference-token index")
     nprobe: int = opt(16, "lists an IVF token index visits per query token")
     out: str = opt("runs/sweep_token_recall", "folder for results.csv, results.md and the cached descriptor list")
@@ -55,12 +59,15 @@ def settings_grid(cfg: TokenSweepConfig):
     from pair_vit.match.token_recall import TokenRecallSettings
 
     seen = set()
-    for scales, floor, neighbours, spread, mirror, geometry, candidates in itertools.product(
-            cfg.scales, cfg.floors, cfg.neighbours, cfg.spreads, cfg.mirrors, cfg.geometry, cfg.candidates):
+    for scales, floor, neighbours, spread, mirror, geometry, sizes, cell, candidates in itertools.product(
+            cfg.scales, cfg.floors, cfg.neighbours, cfg.spreads, cfg.mirrors, cfg.geometry, cfg.sizes, cfg.cells,
+            cfg.candidates):
         scales = tuple(int(s) for s in str(scales).split(","))
+        placement = ({"sizes": tuple(float(x) for x in str(sizes).split(",")), "cell": float(cell)} if truth(geometry)
+                     else {})  # plain votes have no placement to vary
         s = (TokenRecallSettings(int(candidates), factory=cfg.factory, nprobe=cfg.nprobe) if int(candidates) == 0
              else TokenRecallSettings(int(candidates), int(neighbours), float(floor), scales, cfg.factory, cfg.nprobe,
-                                      float(spread), truth(mirror), truth(geometry)))
+                                      float(spread), truth(mirror), truth(geometry), **placement))
         if s not in seen:
             seen.add(s)
             yield s
@@ -130,11 +137,14 @@ def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: d
         short = tr.voted_shortlist(deep, query_ids, votes, index.ids, k, settings.candidates)
         best = dict(zip(query_ids, np.asarray(index.ids)[votes.argmax(axis=1)]))
         first = float(np.mean([best.get(q) == r for q, r in zip(truth.query_id, truth.reference_id)]))
+    placed = settings.geometry and settings.candidates > 0
     found_pairs = set(zip(short.query_id, short.reference_id))
     per_query = {q: (q, r) in found_pairs for q, r in zip(truth.query_id, truth.reference_id)}
     row = {"candidates": settings.candidates, "scales": ",".join(map(str, settings.scales)) if settings.candidates
            else "", "floor": settings.floor, "neighbours": settings.neighbours, "spread": settings.spread,
-           "mirror": settings.mirror, "geometry": settings.geometry, f"R@{k}": recall_at_k(short, gt, [k])[k],
+           "mirror": settings.mirror, "geometry": settings.geometry,
+           "sizes": ",".join(f"{x:g}" for x in settings.sizes) if placed else "",
+           "cell": settings.cell if placed else float("nan"), f"R@{k}": recall_at_k(short, gt, [k])[k],
            "votes rank-1": first}
     for name in sorted(families, key=lambda n: -len(families[n])):
         row[f"{name} ({len(families[name])})"] = float(np.mean([per_query[q] for q in families[name]]))

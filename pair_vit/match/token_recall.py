@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pair_vit.io import atomic_path, write_text_atomic
-from pair_vit.match.token_places import max_per_key
+from pair_vit.match.token_places import CELL, SIZES, max_per_key
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +66,8 @@ class TokenRecallSettings:
     # (scripts/sweep_token_recall.py --mirrors; no gain on tune), not by rerank.py or CopyDetector
     mirror: bool = False
     geometry: bool = True  # only votes that agree on one placement of the reference in the query add up (token_places)
+    sizes: tuple[float, ...] = SIZES  # geometry: the copy's shares of the query's width (and height) tried
+    cell: float = CELL  # geometry: offset cell width, as a share of the query's side
 
 
 def settings_of(cfg) -> TokenRecallSettings:
@@ -198,7 +200,7 @@ def votes_of(found: list[tuple], n_refs: int, settings: TokenRecallSettings,
                 raise ValueError(f"geometry-checked votes need each query read at scales {settings.scales} of the "
                                  f"{grid} grid ({len(xy)} tokens), not {len(sim)} tokens")
             out[q] = token_places.placed_votes(sim[:, :n], owner[:, :n], place[:, :n], valid[:, :n], xy, grid, n_refs,
-                                               settings.floor)
+                                               settings.floor, settings.sizes, settings.cell)
         else:
             out[q] = token_votes(sim[:, :n], owner[:, :n], valid[:, :n], n_refs, settings.floor, settings.spread)
     return out

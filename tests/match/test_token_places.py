@@ -37,6 +37,12 @@ def test_a_pasted_copy_outvotes_a_scattered_look_alike():
     np.testing.assert_allclose(votes[0], 4 * 0.4, rtol=1e-5)  # all four agree on one placement
     assert votes[1] < 0.4 * 2 + 1e-6  # scattered: at most two of its four land in one cell
     assert votes[2] == 0
+    # the copy's tokens are as far apart in the query as in the reference (size 1): in fine cells, that size alone
+    # still gathers all four votes; at a size far from it, each vote lands in a cell of its own
+    fine = {"n_refs": 3, "floor": 0.5, "cell": 0.05}
+    right = tp.placed_votes(sim, owner, place, valid, xy[tokens], GRID, sizes=(1.0,), **fine)
+    wrong = tp.placed_votes(sim, owner, place, valid, xy[tokens], GRID, sizes=(0.35,), **fine)
+    np.testing.assert_allclose([right[0], wrong[0]], [4 * 0.4, 0.4], rtol=1e-5)
 
 
 def test_no_vote_below_the_floor_or_for_padding():
