@@ -6,9 +6,10 @@
     detector.save("my_index")                          # later: CopyDetector.load("my_index")
     found = detector.match("upload.jpg", k=5)          # DataFrame query_id, reference_id, score, is_copy
 
-`match` runs the stages of `scripts/rerank.py` with rerank's own functions and settings: the descriptor
-shortlist (`index.embed_folder`, `index.search_views`), pair-ViT logits (`pair.scoring.score_chunk`) and SIFT
-inliers (`verify.verify_chunk`) chunk by chunk (`cache.run_chunks`), the calibrated score
+`match` runs the stages of `scripts/rerank.py` (`pair_vit.match.query_stages`) with rerank's own functions and
+settings: the descriptor shortlist (`index.embed_folder`, `index.search_views`), pair-ViT logits
+(`pair.scoring.score_chunk`) and SIFT inliers (`verify.verify_chunk`) chunk by chunk (`cache.run_chunks`), the
+calibrated score
 (`rerank.Matches.submission`) and the sorted, capped, validated rows (`rerank.finalise`): on the same images and
 settings it gives rerank.py's numbers (tests/match/test_detector.py). What differs is where references come from:
 their descriptor views live in a faiss `ReferenceIndex` and their pair-ViT trunk tokens and SIFT keypoints in a
@@ -41,9 +42,9 @@ import numpy as np
 import pandas as pd
 
 from pair_vit import data
-from pair_vit.cache import run_chunks
 from pair_vit.config import from_dict, option_like, options_of, to_dict
 from pair_vit.match import index as ix
+from pair_vit.match import query_stages as stages
 from pair_vit.match import rerank
 from pair_vit.match.calibration import Calibration
 from pair_vit.match.config import RerankConfig
@@ -66,10 +67,6 @@ DetectorConfig = dataclasses.make_dataclass("DetectorConfig", [
 DetectorConfig.__module__ = __name__
 
 FORMAT = 2  # 1: the store kept reference pixels (pair_vit.match.store)
-QUERY_WORKERS_FROM = 64  # fewer queries are decoded in this process (a worker costs more than it saves)
-# A match of up to this many queries decodes each once for token recall and the pair stage, and the pair stage
-# reuses token recall's trunk passes (~0.4 MB a query kept for the call); a larger one reads them again.
-SHARED_READINGS = 256
 
 
 @dataclasses.dataclass
@@ -330,10 +327,10 @@ class CopyDetector:
         report = data.SkipReport()
         seconds = dict.fromkeys(("shortlist", "token_recall", "pair", "verify"), 0.0)  # per call: matches may overlap
         with image_inputs(queries, ids, report, what="query") as given:
-            images = self._query_images(given.paths, report)
+            images = stages.query_images(self.pair, given.paths, report)
             readings: dict = {}  # query id -> {(h, w): trunk tokens}, from token recall for the pair stage
-            shortlist = self._shortlist(given.paths, report, seconds, images, readings)
-            rows = self._rescore(shortlist, report, seconds, images, readings) if len(shortlist) else None
+            shortlist = stages.shortlist(self, given.paths, report, seconds, images, readings)
+            rows = stages.rescore(self, shortlist, report, seconds, images, readings) if len(shortlist) else None
         if rows is None or not len(rows):
             result = ix.empty_submission().astype({"score": np.float64})
         else:
@@ -346,42 +343,7 @@ class CopyDetector:
         result.attrs["seconds"] = seconds
         return result
 
-    def _query_images(self, paths: dict[str, Path], report: data.SkipReport):
-        """The pair stage's decoder of these queries (`TensorCache`), which token recall decodes with too."""
-        from pair_vit.pair.scoring import TensorCache, load_side
-
-        half = self.pair.half_size
-        return TensorCache(paths, half, report, capacity=0, load_side=load_side(half),
-                           keep_decoded=len(paths) if len(paths) <= SHARED_READINGS else 0)
-
-    def _shortlist(self, paths: dict[str, Path], report: data.SkipReport, seconds: dict, images,
-                   readings: dict) -> pd.DataFrame:
-        """rerank.shortlist_stage without its cache: the best `shortlist` references of every query. With token
-        recall, the queries' trunk tokens go into `readings` when the call is small enough to keep them."""
-        s, start = self.settings, time.perf_counter()
-        workers = s.num_workers if len(paths) >= QUERY_WORKERS_FROM else 0
-        q_ids, q_vectors, owner = ix.embed_folder(self.descriptor, paths, s.batch_size, s.amp, s.views, report,
-                                                  workers, progress=s.progress and "queries")
-        voting = s.token_recall and self.pair_layout.kind == "tokens"  # the pixel pair ViT has no tokens to vote
-        depth = s.shortlist * rerank.TOKEN_DEPTH if voting else s.shortlist
-        found = ix.search_views(self.index, q_ids, q_vectors, owner, depth, subview_penalty=s.subview_penalty,
-                                reference_penalty=s.reference_penalty)
-        seconds["shortlist"] = time.perf_counter() - start
-        if not voting or not len(found):
-            return found
-        from pair_vit.match import token_recall as tr
-
-        start = time.perf_counter()
-        settings = tr.settings_of(s)
-        read = tr.query_readings(self.pair, {q: paths[q] for q in q_ids}, settings.scales, report, s.batch_size,
-                                 s.amp, images if images.keep_decoded else None)
-        found = tr.vote_shortlist(self._token_index(settings), found, tr.rows_of(read), s.shortlist, settings)
-        if images.keep_decoded:
-            readings.update(read)
-        seconds["token_recall"] = time.perf_counter() - start
-        return found
-
-    def _token_index(self, settings):
+    def token_index(self, settings):
         """The token-recall index of every reference, built from the stored tokens at the first match that votes."""
         from pair_vit.match import token_recall as tr
 
@@ -393,35 +355,6 @@ class CopyDetector:
         """(N, C, Gh, Gw) float16 stored tokens of `ids`, in order."""
         stored = self.store.pair_inputs(ids, self.pair_layout)
         return np.stack([stored[i].numpy() for i in ids])
-
-    def _rescore(self, shortlist: pd.DataFrame, report: data.SkipReport, seconds: dict, queries,
-                 readings: dict) -> pd.DataFrame:
-        """rerank.pair_stage and verify_stage without their caches, the references read from the store, the
-        queries decoded by `queries` (a `TensorCache`) and their trunk tokens taken from `readings` where there."""
-        from pair_vit.match.verify import QUERY_VARIANTS, KeypointCache, verify_chunk
-        from pair_vit.pair.scoring import expand_views, score_chunk
-
-        s, start = self.settings, time.perf_counter()
-        views = expand_views(s.pair_views)
-        paths = queries.paths
-
-        def references(part: pd.DataFrame):  # id -> stored tokens (a hybrid model) or pixels
-            return self.store.pair_inputs(part.reference_id.unique(), self.pair_layout)
-
-        empty = shortlist.iloc[:0].assign(**{f"logit_{v}": [] for v in views}, logit=[])
-        scored, _ = run_chunks(shortlist, lambda part: score_chunk(self.pair, part, views, queries, references(part),
-                                                                   s.batch_size, s.amp, readings),
-                               empty, None, s.chunk_queries)
-        seconds["pair"] = time.perf_counter() - start
-        if s.verify == "none":
-            return scored
-        start = time.perf_counter()
-        query_kps = KeypointCache(paths, report, capacity=max(1, s.chunk_queries), variants=QUERY_VARIANTS)
-        empty = shortlist.iloc[:0][["query_id", "reference_id"]].assign(inliers=np.zeros(0, np.int64))
-        verified, _ = run_chunks(shortlist, lambda part: verify_chunk(
-            part, query_kps, self.store.keypoints(part.reference_id.unique())), empty, None, s.chunk_queries)
-        seconds["verify"] = time.perf_counter() - start
-        return scored.merge(verified, on=["query_id", "reference_id"], how="inner", validate="one_to_one")
 
 
 # ----------------------------------------------------------------------------- helpers
