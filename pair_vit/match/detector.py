@@ -19,7 +19,7 @@ reference tokens at float16 too, so the numbers agree). `add` embeds only refere
 keypoints (a quarter of the bytes per reference) and cannot be matched with SIFT later.
 
 score: the calibrated probability that the query was derived from the reference (higher = more likely a copy);
-is_copy: score >= the calibration's precision-90 threshold (0.262 with the shipped weights: on the dev
+is_copy: score >= the calibration's precision-90 threshold (0.194 with the shipped weights: on the dev
 benchmark 90% of the pairs above it were true copies), or the threshold the caller passes.
 
 Bad input is never fatal to a batch: an unreadable query gets no rows and `result.attrs["skipped"]` maps its id

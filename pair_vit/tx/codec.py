@@ -1,8 +1,8 @@
 """The pair-vit signal string: descriptor vectors as compact text that ThreatExchange and HMA can carry.
 
-    pv1.d4ff9c0c.<URL-safe base64 of V x D float16, no padding>
+    pv1.3f0f7d14.<URL-safe base64 of V x D float16, no padding>
 
-`pv1` is the format version, `d4ff9c0c` the first 8 hex digits of the descriptor's weights fingerprint
+`pv1` is the format version, `3f0f7d14` the first 8 hex digits of the descriptor's weights fingerprint
 (`pair_vit.descriptor.views.model_fingerprint`): a signal is only comparable with signals of the same weights,
 so a signal made by other weights is refused by `decode` instead of matching at random. The payload holds V
 unit vectors of D dimensions (V views of one image, the whole image first; D = 256 for the shipped

@@ -1,6 +1,6 @@
 """Image bytes -> pair-vit signal string, with the shipped descriptor (loaded once per process).
 
-    signal = hash_bytes(open("photo.jpg", "rb").read())    # "pv1.d4ff9c0c.<base64>", or "" if unreadable
+    signal = hash_bytes(open("photo.jpg", "rb").read())    # "pv1.3f0f7d14.<base64>", or "" if unreadable
 
 The image is decoded by `pair_vit.data.load_image_bytes` (every way a file can be unusable becomes one short
 reason), cut into the views of `TxCalibration.views` by `pair_vit.descriptor.views.crop_views` and embedded by

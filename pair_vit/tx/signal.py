@@ -1,6 +1,6 @@
 """`PairVitSignal`: the shipped descriptor as a ThreatExchange signal type (name "pair_vit", photos).
 
-    PairVitSignal.hash_from_file(Path("photo.jpg"))       # "pv1.d4ff9c0c.<base64>" ("" if unreadable)
+    PairVitSignal.hash_from_file(Path("photo.jpg"))       # "pv1.3f0f7d14.<base64>" ("" if unreadable)
     PairVitSignal.compare_hash(reference_signal, query_signal)   # SignalComparisonResult(match, distance)
     PairVitSignal.validate_signal_str(text)               # normalised signal, or ValueError saying why
 
