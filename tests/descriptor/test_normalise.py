@@ -100,7 +100,9 @@ def test_subtraction_lowers_lookalike_similarity(clothing):
     new_q, new_r = norm.normalise(queries, references, negatives, cfg)
     copies, lookalikes = _copies_and_lookalikes(queries @ references.T)
     new_copies, new_lookalikes = _copies_and_lookalikes(new_q @ new_r.T)
-    assert new_lookalikes.mean() < lookalikes.mean() - 0.05      # look-alikes move apart ...
+    # look-alikes move apart (the 2026-12-07 descriptor already puts them at a mean similarity of 0.06, which
+    # subtraction lowers by a third; 0.05 absolute with the descriptor before) ...
+    assert lookalikes.mean() > 0 and new_lookalikes.mean() < 0.8 * lookalikes.mean()
     assert new_copies.mean() - new_lookalikes.mean() > copies.mean() - lookalikes.mean()   # ... more than copies
     assert new_q.shape == queries.shape and np.allclose(np.linalg.norm(new_r, axis=1), 1, atol=1e-5)
 
