@@ -255,6 +255,12 @@ def _pair_fingerprint(cfg: RerankConfig) -> str:
     return hashlib.blake2b(path.read_bytes(), digest_size=12).hexdigest() if path.is_file() else ""
 
 
+def _image_listings(queries: dict[str, Path], references: dict[str, Path]) -> list[str]:
+    """Digests of the query and reference folder listings: a pair-stage cache keyed on them is dropped when an
+    image file changes under the same id."""
+    return [cache.listing(queries), cache.listing(references)]
+
+
 def _merge_reports(procs: Processes, report: data.SkipReport) -> None:
     entries = [e for part in procs.gather([report.entries]) for e in part]
     report.entries = list(dict.fromkeys(entries))  # references/background are read by one process each
@@ -287,8 +293,9 @@ def pair_stage(procs: Processes, model, shortlist: pd.DataFrame, queries: dict[s
     """Pair-ViT logits for every shortlisted pair (cached chunk by chunk in the work folder)."""
     shortlist = shortlist[list(PAIR_COLUMNS)]  # the votes are the calibration's, not the pair model's input
     # No shortlist in the key: results are reused pair by pair (`pair_vit.cache`), so a new shortlist scores
-    # only its new pairs; the folder is dropped when what scores a pair changes.
-    key = {"model": ix.model_fingerprint(model), "views": expand_views(cfg.pair_views),
+    # only its new pairs; the folder is dropped when what scores a pair changes (an image file too).
+    key = {"images": _image_listings(queries, references),
+           "model": ix.model_fingerprint(model), "views": expand_views(cfg.pair_views),
            # what the model reads besides its weights: the same weights localizing or not score differently
            "reads": {k: model.model_args.get(k) for k in ("input_size", "localize")},
            "amp": cfg.amp, "reuse": "pairs"}
@@ -308,7 +315,8 @@ def verify_stage(procs: Processes, shortlist: pd.DataFrame, queries: dict[str, P
                  report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float]) -> pd.DataFrame:
     """SIFT RANSAC inliers of every shortlisted pair: query_id, reference_id, inliers (cached chunk by chunk)."""
     shortlist = shortlist[list(PAIR_COLUMNS)]
-    key = {"verify": cfg.verify, "method": VERIFY_METHOD, "reuse": "pairs"}  # no shortlist: see pair_stage
+    key = {"images": _image_listings(queries, references),  # no shortlist: see pair_stage
+           "verify": cfg.verify, "method": VERIFY_METHOD, "reuse": "pairs"}
     folder = cache.stage_dir(work_folder(cfg) / "verify", key, procs)
     start = time.perf_counter()
     rows, n_verified = verify_shortlist(shortlist, queries, references, report, folder, cfg.chunk_queries,

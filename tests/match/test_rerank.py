@@ -269,10 +269,14 @@ def test_killed_rerank_resumes_without_redoing_work(folders, checkpoint, pair_ch
     cfg.k = 2
     shorter = rerank.run(cfg)
     assert len(calls) == 1 and len(shorter) == 4
+    # an image file replaced under the same id drops the stage's pairs: both queries are scored again
+    shutil.copy(sorted(refs.iterdir())[2], queries / "Q4.jpg")
+    rerank.run(cfg)
+    assert len(calls) == 3
     # changed inputs drop the cache: another pair view set is scored afresh
     cfg.pair_views = ["full", "hflip"]
     rerank.run(cfg)
-    assert len(calls) == 3 and "logit_hflip" in read_chunks(work).columns
+    assert len(calls) == 5 and "logit_hflip" in read_chunks(work).columns
 
 
 def test_wrong_checkpoints_are_refused(folders, checkpoint, pair_checkpoint, tmp_path):
