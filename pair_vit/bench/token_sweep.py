@@ -134,7 +134,7 @@ def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: d
                       for i in range(len(query_ids))]
             side_votes = tr.votes_of(joined, len(index.ids), settings, index.grid)
             votes = side_votes if votes is None else np.maximum(votes, side_votes)
-        short = tr.voted_shortlist(deep, query_ids, votes, index.ids, k, settings.candidates)
+        short = tr.voted_shortlist(deep, query_ids, votes, index.ids, k, settings.candidates, index.position)
         best = dict(zip(query_ids, np.asarray(index.ids)[votes.argmax(axis=1)]))
         first = float(np.mean([best.get(q) == r for q, r in zip(truth.query_id, truth.reference_id)]))
     placed = settings.geometry and settings.candidates > 0

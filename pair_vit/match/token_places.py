@@ -36,13 +36,16 @@ def query_places(scales: Sequence[int], grid: Sequence[int]) -> np.ndarray:
 
 def placed_votes(similarity: np.ndarray, owner: np.ndarray, place: np.ndarray, valid: np.ndarray,
                  query_xy: np.ndarray, grid: Sequence[int], n_refs: int, floor: float,
-                 sizes: Sequence[float] = SIZES, cell: float = CELL) -> np.ndarray:
+                 sizes: Sequence[float] = SIZES, cell: float = CELL, boxes: np.ndarray | None = None) -> np.ndarray:
     """One query's placed votes.
 
     similarity, owner, place, valid: (Nq, k) of each query token's neighbours (cosine similarity, the reference that
     owns them, their row-major position in that reference's (Gh, Gw) `grid`, False for padding); query_xy (Nq, 2)
     (`query_places`) -> (n_refs,) float32: per reference, the largest sum of max(0, similarity - floor) over query
-    tokens whose matches agree on one (width share, height share, offset) placement (0: no vote)."""
+    tokens whose matches agree on one (width share, height share, offset) placement (0: no vote).
+    `boxes`: an (n_refs, 4) float32 array to fill with where each voted reference sits in the query, as the winning
+    placement's (left, top, right, bottom) in fractions of the query, clipped to it (rows of unvoted references
+    are left as they are)."""
     weight = np.where(valid, np.maximum(similarity - floor, 0), 0).astype(np.float32)
     token, column = np.nonzero(weight > 0)
     out = np.zeros(n_refs, np.float32)
@@ -62,8 +65,29 @@ def placed_votes(similarity: np.ndarray, owner: np.ndarray, place: np.ndarray, v
                 bin_ = ref * side * side + cx * side + cy  # one (reference, offset cell) for this size
                 best_per_token = max_per_key(bin_ * n_tokens + token, w)
                 sums = _sum_per_key(best_per_token[0] // n_tokens, best_per_token[1])
+                if boxes is not None:
+                    _record_boxes(boxes, out, sums, side, (sx, sy), shift, cell)
                 np.maximum.at(out, sums[0] // (side * side), sums[1])
     return out
+
+
+def _record_boxes(boxes: np.ndarray, out: np.ndarray, sums: tuple[np.ndarray, np.ndarray], side: int,
+                  size: tuple[float, float], shift: float, cell: float) -> None:
+    """Write into `boxes` the placement of every reference whose best cell in `sums` (keys: reference * side^2 +
+    x cell * side + y cell, values: vote sums) beats its best so far in `out` (called before `out` takes them)."""
+    keys, values = sums
+    ref = keys // (side * side)
+    order = np.lexsort((values, ref))  # by reference, then vote sum: each reference's best cell comes last
+    last = order[np.r_[ref[order][1:] != ref[order][:-1], True]]
+    won = last[values[last] > out[ref[last]]]
+    if not len(won):
+        return
+    cx, cy = (keys[won] % (side * side)) // side, keys[won] % side
+    # a cell holds offsets in [(c - shift) * cell - 1, (c + 1 - shift) * cell - 1): the box starts mid-cell
+    left = (cx - shift + 0.5) * cell - 1
+    top = (cy - shift + 0.5) * cell - 1
+    box = np.stack([left, top, left + size[0], top + size[1]], axis=1)
+    boxes[ref[won]] = np.clip(box, 0.0, 1.0)
 
 
 def max_per_key(key: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -86,6 +86,7 @@ class TokenIndex:
         self.grid = tuple(int(g) for g in grid) if grid is not None else None  # (Gh, Gw) tokens of each reference
         # each reference's first row (its rows are contiguous): a neighbour's place in its grid is row - first
         self.first = np.searchsorted(self.owner, np.arange(len(self.ids)))
+        self.position = {r: j for j, r in enumerate(self.ids)}  # reference id -> its column of `vote`'s scores
 
     @classmethod
     def build(cls, ids: Sequence[str], tokens: np.ndarray, factory: str = "auto", fingerprint: str = "",
@@ -119,6 +120,7 @@ class TokenIndex:
         self.first = np.concatenate([self.first, len(self.owner) + per_ref * np.arange(len(ids))])
         self.index.add(flat)
         self.owner = np.concatenate([self.owner, np.repeat(np.arange(len(self.ids), len(self.ids) + len(ids)), per_ref)])
+        self.position.update((r, len(self.ids) + j) for j, r in enumerate(ids))
         self.ids += ids
 
     def __len__(self) -> int:
@@ -227,13 +229,24 @@ def token_votes(similarity: np.ndarray, owner: np.ndarray, valid: np.ndarray, n_
 
 
 def top_votes(query_ids: Sequence[str], votes: np.ndarray, ref_ids: Sequence[str], n: int) -> pd.DataFrame:
-    """(Q, R) vote scores -> query_id, reference_id, votes: each query's n best-voted references with votes > 0."""
+    """(Q, R) vote scores -> query_id, reference_id, votes: each query's n best-voted references with votes > 0
+    (ties: the earlier reference first)."""
     rows = []
-    ref_ids = np.asarray(ref_ids)
     for q, scores in zip(query_ids, votes):
-        best = np.argsort(-scores, kind="stable")[:n]
+        best = _best(scores, n)
         rows += [(q, ref_ids[j], float(scores[j])) for j in best if scores[j] > 0]
     return pd.DataFrame(rows, columns=["query_id", "reference_id", "votes"])
+
+
+def _best(scores: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the n largest of (R,) scores, largest first, ties in position order: a partial sort, so a query
+    costs O(R) and not O(R log R) against a large collection."""
+    if n < len(scores):
+        kth = np.partition(-scores, n - 1)[n - 1]
+        head = np.flatnonzero(-scores <= kth)  # the n best and any ties with the n-th, in position order
+    else:
+        head = np.arange(len(scores))
+    return head[np.argsort(-scores[head], kind="stable")][:n]
 
 
 def merge_votes(deep: pd.DataFrame, voted: pd.DataFrame, k: int, candidates: int) -> pd.DataFrame:
@@ -244,26 +257,34 @@ def merge_votes(deep: pd.DataFrame, voted: pd.DataFrame, k: int, candidates: int
     similarity `deep` holds for the query if it is not there (the descriptor found it less similar than every
     reference it listed)."""
     candidates = min(candidates, k // 2)
-    out = []
-    by_query = dict(tuple(voted.groupby("query_id", sort=False))) if len(voted) else {}
-    for q, rows in deep.groupby("query_id", sort=False):
-        rows = rows.sort_values("score", ascending=False, kind="stable")
-        score = dict(zip(rows.reference_id, rows.score))
-        chosen = list(rows.reference_id[:max(k - candidates, 0)])
-        extra = by_query.get(q)
-        for r in ([] if extra is None else extra.reference_id):
+    extra: dict[str, list[str]] = {}
+    for q, r in zip(voted.query_id, voted.reference_id):
+        extra.setdefault(q, []).append(r)
+    order = deep.sort_values("score", ascending=False, kind="stable")
+    listed: dict[str, list[tuple[str, float]]] = {}
+    for q, r, s in zip(order.query_id, order.reference_id, order.score):
+        listed.setdefault(q, []).append((r, s))
+    out_q, out_r, out_s = [], [], []
+    for q in deep.query_id.unique():  # in order of first appearance, as a groupby without sorting
+        rows = listed[q]
+        score = dict(rows)
+        chosen = [r for r, _ in rows[:max(k - candidates, 0)]]
+        seen = set(chosen)
+        for r in extra.get(q, ()):
             if len(chosen) >= k:
                 break
-            if r not in chosen:
+            if r not in seen:
                 chosen.append(r)
-        chosen += [r for r in rows.reference_id if r not in chosen][:k - len(chosen)]
-        floor = float(rows.score.min())
-        out.append(pd.DataFrame({"query_id": q, "reference_id": chosen,
-                                 "score": [score.get(r, floor) for r in chosen]}))
-    if not out:
+                seen.add(r)
+        chosen += [r for r, _ in rows if r not in seen][:k - len(chosen)]
+        floor = min(s for _, s in rows)
+        out_q += [q] * len(chosen)
+        out_r += chosen
+        out_s += [score.get(r, floor) for r in chosen]
+    if not out_q:
         return deep.iloc[:0]
-    merged = pd.concat(out, ignore_index=True)
-    return merged.astype({"score": deep.score.dtype})
+    return pd.DataFrame({"query_id": out_q, "reference_id": out_r,
+                         "score": np.asarray(out_s, dtype=deep.score.dtype)})
 
 
 def index_from(ids: list[str], read, factory: str = "auto", chunk: int = 256) -> TokenIndex:
@@ -287,21 +308,24 @@ def vote_shortlist(index: TokenIndex, deep: pd.DataFrame, rows: dict[str, np.nda
     none of the query's tokens voted for it: a calibration feature, `pair_vit.match.calibration`). A query
     without tokens (unreadable here) keeps its descriptor list with votes 0."""
     return voted_shortlist(deep, list(rows), index.vote(list(rows.values()), settings), index.ids, k,
-                           settings.candidates)
+                           settings.candidates, index.position)
 
 
 def voted_shortlist(deep: pd.DataFrame, query_ids: list[str], votes: np.ndarray, ref_ids: Sequence[str], k: int,
-                    candidates: int) -> pd.DataFrame:
-    """`vote_shortlist` from the (Q, R) votes of `query_ids` over references `ref_ids` (`TokenIndex.vote`)."""
+                    candidates: int, position: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """`vote_shortlist` from the (Q, R) votes of `query_ids` over references `ref_ids` (`TokenIndex.vote`);
+    `position`: reference id -> its column of `votes` (`TokenIndex.position`; made from `ref_ids` if not given,
+    which costs O(R) a call)."""
     voted = top_votes(query_ids, votes, ref_ids, candidates + k)
     merged = merge_votes(deep, voted, k, candidates)
+    if position is None:
+        position = {r: j for j, r in enumerate(ref_ids)}
     row_of = {q: i for i, q in enumerate(query_ids)}
-    col_of = {r: j for j, r in enumerate(ref_ids)}
-    q_pos = merged.query_id.map(row_of)
-    r_pos = merged.reference_id.map(col_of)
-    known = (q_pos.notna() & r_pos.notna()).to_numpy()
     found = np.zeros(len(merged), np.float32)
-    found[known] = votes[q_pos[known].astype(int).to_numpy(), r_pos[known].astype(int).to_numpy()]
+    for n, (q, r) in enumerate(zip(merged.query_id, merged.reference_id)):
+        i, j = row_of.get(q), position.get(r)
+        if i is not None and j is not None:
+            found[n] = votes[i, j]
     return merged.assign(votes=found)
 
 

@@ -50,3 +50,17 @@ def test_no_vote_below_the_floor_or_for_padding():
     valid[1] = False
     votes = tp.placed_votes(sim, owner, place, valid, tp.query_places((1,), GRID)[:2], GRID, 2, floor=0.5)
     assert not votes.any()
+
+
+def test_the_winning_placement_says_where_the_copy_sits():
+    # reference 0 whole at half size in the query's top-right quarter: query cell (10 + x, y) of the 20 x 20
+    # reading holds reference cell (x, y); reference 1 has no vote
+    xy = tp.query_places((2,), GRID)
+    pairs = [(y * 20 + 10 + x, y * 10 + x) for y in range(10) for x in range(10)]
+    sim, owner, place, valid = _one_neighbour([(0, spot, 0.9) for _, spot in pairs])
+    boxes = np.full((2, 4), -1.0, np.float32)
+    votes = tp.placed_votes(sim, owner, place, valid, xy[[q for q, _ in pairs]], GRID, 2, floor=0.5, boxes=boxes)
+    assert votes[0] > 0 and votes[1] == 0
+    # the box: size 0.5 (of 1, 0.7, 0.5, 0.35) at offset (0.5, 0), within half a cell (0.075) of the truth
+    np.testing.assert_allclose(boxes[0], [0.5, 0.0, 1.0, 0.5], atol=tp.CELL / 2 + 1e-6)
+    assert (boxes[1] == -1).all()  # unvoted: left as it was

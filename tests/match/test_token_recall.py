@@ -59,6 +59,24 @@ def test_top_votes_drops_references_without_votes():
     assert top.values.tolist() == [["q", "b", 2.0], ["q", "c", 1.0]]
 
 
+def test_top_votes_breaks_ties_by_reference_order():
+    # a partial sort picks the best 2 of 5: of three tied at 2.0 the first two, as a full stable sort would
+    votes = np.array([[1.0, 2.0, 0.0, 2.0, 2.0]], np.float32)
+    assert tr.top_votes(["q"], votes, list("abcde"), 2).reference_id.tolist() == ["b", "d"]
+    assert tr.top_votes(["q"], votes, list("abcde"), 9).reference_id.tolist() == ["b", "d", "e", "a"]
+
+
+def test_an_index_knows_each_references_column_after_adding():
+    tokens = np.ones((2, 2, 1, 1), np.float32)
+    index = tr.TokenIndex.build(["r0", "r1"], tokens, "Flat")
+    index.add(["r2"], tokens[:1])
+    assert index.position == {"r0": 0, "r1": 1, "r2": 2}
+    votes = np.array([[0.0, 0.0, 3.0]], np.float32)
+    deep = pd.DataFrame({"query_id": ["q"], "reference_id": ["r1"], "score": np.array([0.9], np.float32)})
+    out = tr.voted_shortlist(deep, ["q"], votes, index.ids, 2, 1, index.position)
+    assert out.reference_id.tolist() == ["r1", "r2"] and out.votes.tolist() == [0.0, 3.0]
+
+
 def test_a_small_copy_is_voted_for(tmp_path):
     """A reference pasted small into a collage of other photos: its tokens vote it first among look-alikes."""
     from PIL import Image
