@@ -64,6 +64,7 @@ class CompareConfig:
     token_factory: str = option_like(RerankConfig, "token_factory")
     token_nprobe: int = option_like(RerankConfig, "token_nprobe")
     token_geometry: bool = option_like(RerankConfig, "token_geometry")
+    token_views: int = option_like(RerankConfig, "token_views")
     verify: str = opt("sift", "local verification of the reranker's pairs (rows with and without it): sift or "
                               "none", choices=("sift", "none"))
     smoke: str = opt("", "folder of real copy pairs (e.g. ../shared/data/smoke), one sub-folder each: a "
@@ -198,7 +199,8 @@ def rerank_results(layout: data.DiscLayout, gt: pd.DataFrame, cfg: CompareConfig
                                pair_views=list(cfg.pair_views), views=cfg.shortlist_views, amp=cfg.amp,
                                reference_views=cfg.reference_views, token_recall=cfg.token_recall,
                                token_factory=cfg.token_factory, token_nprobe=cfg.token_nprobe,
-                               token_geometry=cfg.token_geometry, verify=cfg.verify, calibration="none", progress=False)
+                               token_geometry=cfg.token_geometry, token_views=cfg.token_views, verify=cfg.verify,
+                               calibration="none", progress=False)
     found, seconds = _timed(lambda: rerank.match(rcfg))
     stored = found.stored_calibration
     rows, scored, stats = [], found.rows, found.stats

@@ -49,6 +49,8 @@ class TokenSweepConfig:
     sizes: list = opt([",".join(map(str, SIZES))], "geometry: sets of the copy's shares of the query's width and "
                                                     "height to try, each comma-separated")
     cells: list = opt([CELL], "geometry: offset cell widths, as a share of the query's side")
+    views: list = opt([2], "geometry: descriptor views cropped where the query's best-voted references sit, per "
+                           "query (rerank.py --token-views)")
     factory: str = opt("Flat", "faiss factory of the reference-token index")
     nprobe: int = opt(16, "lists an IVF token index visits per query token")
     out: str = opt("runs/sweep_token_recall", "folder for results.csv, results.md and the cached descriptor list")
@@ -59,11 +61,12 @@ def settings_grid(cfg: TokenSweepConfig):
     from pair_vit.match.token_recall import TokenRecallSettings
 
     seen = set()
-    for scales, floor, neighbours, spread, mirror, geometry, sizes, cell, candidates in itertools.product(
+    for scales, floor, neighbours, spread, mirror, geometry, sizes, cell, views, candidates in itertools.product(
             cfg.scales, cfg.floors, cfg.neighbours, cfg.spreads, cfg.mirrors, cfg.geometry, cfg.sizes, cfg.cells,
-            cfg.candidates):
+            cfg.views, cfg.candidates):
         scales = tuple(int(s) for s in str(scales).split(","))
-        placement = ({"sizes": tuple(float(x) for x in str(sizes).split(",")), "cell": float(cell)} if truth(geometry)
+        placement = ({"sizes": tuple(float(x) for x in str(sizes).split(",")), "cell": float(cell),
+                      "views": int(views)} if truth(geometry)
                      else {})  # plain votes have no placement to vary
         s = (TokenRecallSettings(int(candidates), factory=cfg.factory, nprobe=cfg.nprobe) if int(candidates) == 0
              else TokenRecallSettings(int(candidates), int(neighbours), float(floor), scales, cfg.factory, cfg.nprobe,
@@ -75,6 +78,7 @@ def settings_grid(cfg: TokenSweepConfig):
 
 def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
     from pair_vit.match import rerank
+    from pair_vit.match import token_readings
     from pair_vit.match import token_recall as tr
 
     if not cfg.benchmark:
@@ -88,13 +92,13 @@ def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
                                             descriptor_only=True, progress=False)).rows
     model = rerank.load_pair(rerank.RerankConfig())[0].eval()
     report = data.SkipReport()
-    ids, tokens = tr.reference_tokens(model, data.list_images(layout.references), report)
+    ids, tokens = token_readings.reference_tokens(model, data.list_images(layout.references), report)
     index = tr.TokenIndex.build(ids, tokens, cfg.factory)
     grid = list(settings_grid(cfg))
     every_scale = sorted({s for g in grid for s in g.scales})
     queries = data.list_images(layout.queries)
-    readings = tr.query_readings(model, queries, every_scale, report) if every_scale else {}
-    mirrored = (tr.query_readings(model, queries, every_scale, report, mirror=True)
+    readings = token_readings.query_readings(model, queries, every_scale, report) if every_scale else {}
+    mirrored = (token_readings.query_readings(model, queries, every_scale, report, mirror=True)
                 if any(g.mirror for g in grid) else {})
     families = edit_families(pd.read_csv(Path(cfg.benchmark) / "edits.csv", dtype=str),
                              set(gt.query_id[gt.reference_id.notna() & (gt.reference_id != "")]))
@@ -106,7 +110,17 @@ def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
     found = {(s, side): index.neighbours([tr.unit_rows(read[q][(s * half[0], s * half[1])][None])[0]
                                           for q in queries_read], most, cfg.nprobe)
              for side, read in (("as is", readings), ("mirror", mirrored)) if read for s in every_scale}
-    rows = [evaluate(s, index, deep, queries_read, found, gt, families, cfg.k) for s in grid]
+    read_views = None
+    if any(g.views for g in grid):  # the descriptor and its reference index, as the deep list was made
+        from pair_vit.descriptor.model import load_descriptor
+        from pair_vit.match import index as ix
+        from pair_vit.match.placed_views import view_reader
+
+        rcfg = rerank.RerankConfig()
+        read_views = view_reader(load_descriptor(rerank.resolve_checkpoint(rcfg))[0].eval(),
+                                 ix.ReferenceIndex.load(out / "work" / "ref_index"), queries,
+                                 cfg.k * rerank.TOKEN_DEPTH, rcfg, report)
+    rows = [evaluate(s, index, deep, queries_read, found, gt, families, cfg.k, read_views) for s in grid]
     table = pd.DataFrame(rows)
     table.to_csv(out / "results.csv", index=False)
     command = command or "python " + " ".join(sys.argv)
@@ -117,10 +131,10 @@ def run(cfg: TokenSweepConfig, command: str | None = None) -> pd.DataFrame:
 
 
 def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: dict, gt: pd.DataFrame,
-             families: dict[str, set[str]], k: int) -> dict:
+             families: dict[str, set[str]], k: int, read_views=None) -> dict:
     """One setting's row: recall@k of the merged shortlist, vote rank-1 rate, recall@k per edit family.
     `found`: (scale, "as is" or "mirror") -> `TokenIndex.neighbours` of every query in `query_ids` read at that
-    scale, as it is or mirrored."""
+    scale, as it is or mirrored; `read_views`: `placed_views.view_reader` for settings with views."""
     from pair_vit.match import token_recall as tr
 
     truth = gt[gt.reference_id.notna() & (gt.reference_id != "")]
@@ -132,8 +146,11 @@ def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: d
         for side in ("as is", "mirror") if settings.mirror else ("as is",):
             joined = [tuple(np.concatenate([found[s, side][i][part] for s in settings.scales]) for part in range(4))
                       for i in range(len(query_ids))]
-            side_votes = tr.votes_of(joined, len(index.ids), settings, index.grid)
+            boxes = [] if settings.views and settings.geometry and side == "as is" else None
+            side_votes = tr.votes_of(joined, len(index.ids), settings, index.grid, boxes)
             votes = side_votes if votes is None else np.maximum(votes, side_votes)
+            if boxes is not None:
+                deep = tr.with_views(deep, read_views(dict(zip(query_ids, boxes))))
         short = tr.voted_shortlist(deep, query_ids, votes, index.ids, k, settings.candidates, index.position)
         best = dict(zip(query_ids, np.asarray(index.ids)[votes.argmax(axis=1)]))
         first = float(np.mean([best.get(q) == r for q, r in zip(truth.query_id, truth.reference_id)]))
@@ -142,7 +159,7 @@ def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: d
     per_query = {q: (q, r) in found_pairs for q, r in zip(truth.query_id, truth.reference_id)}
     row = {"candidates": settings.candidates, "scales": ",".join(map(str, settings.scales)) if settings.candidates
            else "", "floor": settings.floor, "neighbours": settings.neighbours, "spread": settings.spread,
-           "mirror": settings.mirror, "geometry": settings.geometry,
+           "mirror": settings.mirror, "geometry": settings.geometry, "views": settings.views if placed else 0,
            "sizes": ",".join(f"{x:g}" for x in settings.sizes) if placed else "",
            "cell": settings.cell if placed else float("nan"), f"R@{k}": recall_at_k(short, gt, [k])[k],
            "votes rank-1": first}

@@ -284,3 +284,63 @@ def embed_folder(model: torch.nn.Module, images: Mapping[str, Path], batch_size:
     return ids, np.concatenate(chunks), np.concatenate(owners)
 
 
+
+
+# A box covering more of the query than this is the whole image again (its full view has it); one narrower or
+# shorter than MIN_BOX_SIDE is a few pixels of a collage border.
+MAX_BOX_AREA = 0.8
+MIN_BOX_SIDE = 0.05
+
+
+def embed_boxes(model: torch.nn.Module, images: Mapping[str, Path], boxes: Mapping[str, np.ndarray],
+                batch_size: int = 64, amp: bool = True,
+                report: data.SkipReport | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Embed each image of `images` (id -> path) cropped at its `boxes` (id -> (m, 4) left, top, right, bottom in
+    fractions of the image, e.g. where token votes place a copy: `pair_vit.match.token_recall.votes_of`).
+
+    Returns `embed_folder`'s (ids, vectors (M, D), view_owner (M,)), without a whole-image view: every vector is a
+    sub-view. Boxes that are almost the whole image (area > MAX_BOX_AREA), thinner than MIN_BOX_SIDE or a
+    repeat of an earlier box of the image (to 0.01) are dropped; images without a box left are not decoded.
+    Unreadable images go to `report`."""
+    report = report if report is not None else data.SkipReport()
+    size = model_image_size(model)
+    ids: list[str] = []
+    tensors, owners = [], []
+    for image_id, path in images.items():
+        kept = _useful_boxes(boxes.get(image_id, np.zeros((0, 4), np.float32)))
+        if not kept:
+            continue
+        try:
+            image = data.load_image(path, max_side=DECODE_SCALE["regions"] * size)
+        except data.ImageLoadError as err:
+            report.add(path, err.reason)
+            log.warning("skipping image %s: %s", path, err.reason)
+            continue
+        for box in view_boxes(image.width, image.height, "full", kept)[1:]:
+            tensors.append(_preprocess(image.crop(box), size))
+            owners.append(len(ids))
+        ids.append(image_id)
+    if not tensors:
+        dim = int(model_args_of(model).get("embed_dim", 0))
+        return [], np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+    model.eval()
+    vectors = np.concatenate([_forward(model, torch.stack(tensors[s:s + batch_size]), amp)
+                              for s in range(0, len(tensors), batch_size)])
+    return ids, vectors, np.asarray(owners, np.int64)
+
+
+def _useful_boxes(boxes: np.ndarray) -> list[tuple[float, float, float, float]]:
+    out: list[tuple[float, float, float, float]] = []
+    for left, top, right, bottom in np.asarray(boxes, np.float64).reshape(-1, 4):
+        width, height = right - left, bottom - top
+        box = tuple(round(float(v), 2) for v in (left, top, right, bottom))
+        if width * height > MAX_BOX_AREA or min(width, height) < MIN_BOX_SIDE or box in out:
+            continue
+        out.append(box)
+    return out
+
+
+def _preprocess(image, size: int) -> torch.Tensor:
+    from pair_vit.descriptor.model import preprocess
+
+    return preprocess(image, size)

@@ -71,6 +71,9 @@ class RerankConfig:
     # pair_vit.match.token_places): the votes rank the true reference first for 0.740 of tune's copies, not 0.684
     token_geometry: bool = opt(True, "token recall counts only the votes of query tokens that agree on where the "
                                       "reference sits in the query (--no-token-geometry: every vote counts)")
+    # 2: chosen on the tuning benchmark among 0-3 (shortlist R@20 0.976 -> 0.980; docs/results.md#placed-views)
+    token_views: int = opt(2, "with --token-geometry: the descriptor also reads each query cropped where its this "
+                              "many best-voted references sit (pair_vit.match.placed_views; 0: off)")
     # 64: at the top of both models' throughput on a 2-core CPU; larger batches fall out of cache and run
     # slower (measured: docs/results.md#batch-size)
     batch_size: int = opt(64, "images (descriptor) or pairs (pair ViT) per forward pass")

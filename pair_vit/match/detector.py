@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 # RerankConfig's options, with rerank's help and defaults: the detector scores as scripts/rerank.py does.
 SHARED = ("checkpoint", "descriptor_checkpoint", "views", "subview_penalty", "reference_views",
-          "reference_penalty", "token_recall", "token_factory", "token_nprobe", "token_geometry", "pair_views",
+          "reference_penalty", "token_recall", "token_factory", "token_nprobe", "token_geometry", "token_views",
+          "pair_views",
           "verify", "calibration", "factory", "nprobe", "batch_size", "chunk_queries", "amp", "num_workers")
 FIXED = ("reference_views", "factory")  # properties of a saved collection: `load` refuses other values
 DetectorConfig = dataclasses.make_dataclass("DetectorConfig", [

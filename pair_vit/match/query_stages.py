@@ -53,13 +53,18 @@ def shortlist(detector: Any, paths: dict[str, Path], report: data.SkipReport, se
     seconds["shortlist"] = time.perf_counter() - start
     if not voting or not len(found):
         return found
+    from pair_vit.match import token_readings
     from pair_vit.match import token_recall as tr
 
     start = time.perf_counter()
     settings = tr.settings_of(s)
-    read = tr.query_readings(detector.pair, {q: paths[q] for q in q_ids}, settings.scales, report, s.batch_size,
+    read = token_readings.query_readings(detector.pair, {q: paths[q] for q in q_ids}, settings.scales, report, s.batch_size,
                              s.amp, images if images.keep_decoded else None)
-    found = tr.vote_shortlist(detector.token_index(settings), found, tr.rows_of(read), s.shortlist, settings)
+    from pair_vit.match.placed_views import view_reader
+
+    read_views = view_reader(detector.descriptor, detector.index, paths, depth, s, report)
+    found = tr.vote_shortlist(detector.token_index(settings), found, token_readings.rows_of(read), s.shortlist, settings,
+                              read_views)
     if images.keep_decoded:
         readings.update(read)
     seconds["token_recall"] = time.perf_counter() - start

@@ -185,6 +185,7 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
         key.update(token_recall=cfg.token_recall, token_factory=cfg.token_factory, token_nprobe=cfg.token_nprobe,
                    # only when on: plain-vote shortlists cached before the option keep their key
                    pair=_pair_fingerprint(cfg), **({"token_geometry": True} if cfg.token_geometry else {}),
+                   **({"token_views": cfg.token_views} if cfg.token_views and cfg.token_geometry else {}),
                    columns="votes")  # shortlists cached before the votes column are made again
     folder = cache.stage_dir(work_folder(cfg) / "shortlist", key, procs)
     if (folder / "shortlist.csv").is_file():
@@ -212,8 +213,11 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
                            cfg.background_beta, progress=cfg.progress and procs.is_main and "search",
                            subview_penalty=cfg.subview_penalty, reference_penalty=cfg.reference_penalty)
     if voting:
-        mine = token_shortlist(procs, mine, {q: queries[q] for q in q_ids}, references, report, cfg, stats,
-                               pair_model)
+        from pair_vit.match.placed_views import view_reader
+
+        mine_queries = {q: queries[q] for q in q_ids}
+        mine = token_shortlist(procs, mine, mine_queries, references, report, cfg, stats, pair_model,
+                               view_reader(model, index, mine_queries, depth, cfg, report))
     # Every process takes the shortlist as written to the cache, so a fresh and a resumed run continue from
     # exactly the same values.
     text = pd.concat(procs.gather([mine]), ignore_index=True).to_csv(index=False, float_format="%.8g")
@@ -226,10 +230,12 @@ def shortlist_stage(procs: Processes, model, queries: dict[str, Path], reference
 
 def token_shortlist(procs: Processes, deep: pd.DataFrame, queries: dict[str, Path], references: dict[str, Path],
                     report: data.SkipReport, cfg: RerankConfig, stats: dict[str, float],
-                    model=None) -> pd.DataFrame:
+                    model=None, read_views=None) -> pd.DataFrame:
     """This process's queries' k-candidate shortlists from their `deep` descriptor lists, the last
     `cfg.token_recall` places given to the references their local tokens vote for (`pair_vit.match.token_recall`),
-    with every candidate's votes."""
+    with every candidate's votes; `read_views`: the descriptor's reading of the boxes the votes place
+    (`pair_vit.match.placed_views.view_reader`, used with `cfg.token_views`)."""
+    from pair_vit.match import token_readings as readings
     from pair_vit.match import token_recall as tr
 
     start = time.perf_counter()
@@ -238,11 +244,11 @@ def token_shortlist(procs: Processes, deep: pd.DataFrame, queries: dict[str, Pat
     if not hasattr(model, "forward_tokens"):  # the pixel pair ViT has no token trunk to vote with
         log.warning("token recall skipped: pair checkpoint %s has no token trunk", cfg.checkpoint or SHIPPED_WEIGHTS)
         return tr.merge_votes(deep, deep.iloc[:0], cfg.k, 0)
-    parts = procs.gather([tr.reference_tokens(model, procs.share(references), report, cfg.batch_size, cfg.amp)])
+    parts = procs.gather([readings.reference_tokens(model, procs.share(references), report, cfg.batch_size, cfg.amp)])
     ids = [i for part_ids, _ in parts for i in part_ids]
     index = tr.TokenIndex.build(ids, np.concatenate([t for _, t in parts]), settings.factory)
-    rows = tr.query_rows(model, queries, settings.scales, report, cfg.batch_size, cfg.amp)
-    shortlist = tr.vote_shortlist(index, deep, rows, cfg.k, settings)
+    rows = readings.query_rows(model, queries, settings.scales, report, cfg.batch_size, cfg.amp)
+    shortlist = tr.vote_shortlist(index, deep, rows, cfg.k, settings, read_views)
     stats["token_recall_seconds"] = time.perf_counter() - start
     return shortlist
 

@@ -25,7 +25,7 @@ CELL = 0.15  # offset cell width, as a share of the query's side (a 160 px token
 
 def query_places(scales: Sequence[int], grid: Sequence[int]) -> np.ndarray:
     """(Nq, 2) x, y centres in [0, 1] of a query's tokens read at each of `scales` x the (Gh, Gw) grid, in the order
-    `token_recall.rows_of` concatenates them (scale by scale, row-major)."""
+    `token_readings.rows_of` concatenates them (scale by scale, row-major)."""
     out = []
     for s in scales:
         gh, gw = int(grid[0]) * s, int(grid[1]) * s

@@ -26,16 +26,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from pair_vit.io import atomic_path, write_text_atomic
 from pair_vit.match.token_places import CELL, SIZES, max_per_key
-
-if TYPE_CHECKING:
-    import torch
 
 META_FILE = "token_index.json"
 FLAT_ROWS = 250_000  # "auto": an exact (Flat) index up to this many reference tokens (2,500 references at 160 px)
@@ -68,13 +65,16 @@ class TokenRecallSettings:
     geometry: bool = True  # only votes that agree on one placement of the reference in the query add up (token_places)
     sizes: tuple[float, ...] = SIZES  # geometry: the copy's shares of the query's width (and height) tried
     cell: float = CELL  # geometry: offset cell width, as a share of the query's side
+    # geometry: the descriptor also reads the query cropped where its `views` best-voted references sit (a
+    # proposal of where a copy is), those views joining its list before the votes are merged (`vote_shortlist`)
+    views: int = 2
 
 
 def settings_of(cfg) -> TokenRecallSettings:
-    """The settings of a RerankConfig or DetectorConfig (its token_recall, token_factory, token_nprobe and
-    token_geometry); the rest keep their defaults."""
+    """The settings of a RerankConfig or DetectorConfig (its token_recall, token_factory, token_nprobe,
+    token_geometry and token_views); the rest keep their defaults."""
     return TokenRecallSettings(candidates=cfg.token_recall, factory=cfg.token_factory, nprobe=cfg.token_nprobe,
-                               geometry=cfg.token_geometry)
+                               geometry=cfg.token_geometry, views=cfg.token_views if cfg.token_geometry else 0)
 
 
 class TokenIndex:
@@ -143,11 +143,12 @@ class TokenIndex:
             out.append((sim, owner, rows >= 0, np.maximum(rows, 0) - self.first[owner]))
         return out
 
-    def vote(self, query_tokens: list[np.ndarray], settings: TokenRecallSettings) -> np.ndarray:
+    def vote(self, query_tokens: list[np.ndarray], settings: TokenRecallSettings,
+             boxes: list | None = None) -> np.ndarray:
         """query_tokens: per query, (Nq, C) unit tokens (`unit_rows` of each scale, concatenated) -> (Q, N) float32
-        vote scores (higher = more of the query found in that reference; 0: no vote)."""
+        vote scores (higher = more of the query found in that reference; 0: no vote). `boxes`: see `votes_of`."""
         found = self.neighbours(query_tokens, settings.neighbours, settings.nprobe)
-        return votes_of(found, len(self.ids), settings, self.grid)
+        return votes_of(found, len(self.ids), settings, self.grid, boxes)
 
     def save(self, folder: str | Path) -> None:
         import faiss
@@ -184,13 +185,17 @@ def unit_rows(tokens) -> np.ndarray:
 
 
 def votes_of(found: list[tuple], n_refs: int, settings: TokenRecallSettings,
-             grid: Sequence[int] | None = None) -> np.ndarray:
+             grid: Sequence[int] | None = None, boxes: list | None = None) -> np.ndarray:
     """`TokenIndex.neighbours` of Q queries -> (Q, n_refs) float32 votes (`token_votes` with the settings' floor and
     spread, over the first `settings.neighbours` neighbours; `token_places.placed_votes` if `settings.geometry`, which
-    needs the references' token `grid` (Gh, Gw), the query's readings being `settings.scales` x that grid)."""
+    needs the references' token `grid` (Gh, Gw), the query's readings being `settings.scales` x that grid).
+    `boxes` (geometry only): a list to append, per query, the (m, 4) float32 placements (left, top, right, bottom,
+    fractions of the query) of its `settings.views` best-voted references, best first (m < views when fewer
+    have votes)."""
     from pair_vit.match import token_places
 
     out = np.zeros((len(found), n_refs), np.float32)
+    placed = np.zeros((n_refs, 4), np.float32) if boxes is not None and settings.geometry else None
     n = settings.neighbours
     if settings.geometry and grid is None:
         raise ValueError("geometry-checked votes need the references' token grid, which this token index was saved "
@@ -202,7 +207,10 @@ def votes_of(found: list[tuple], n_refs: int, settings: TokenRecallSettings,
                 raise ValueError(f"geometry-checked votes need each query read at scales {settings.scales} of the "
                                  f"{grid} grid ({len(xy)} tokens), not {len(sim)} tokens")
             out[q] = token_places.placed_votes(sim[:, :n], owner[:, :n], place[:, :n], valid[:, :n], xy, grid, n_refs,
-                                               settings.floor, settings.sizes, settings.cell)
+                                               settings.floor, settings.sizes, settings.cell, placed)
+            if placed is not None:
+                best = [j for j in _best(out[q], settings.views) if out[q, j] > 0]
+                boxes.append(placed[best].copy())
         else:
             out[q] = token_votes(sim[:, :n], owner[:, :n], valid[:, :n], n_refs, settings.floor, settings.spread)
     return out
@@ -300,15 +308,39 @@ def index_from(ids: list[str], read, factory: str = "auto", chunk: int = 256) ->
 
 
 def vote_shortlist(index: TokenIndex, deep: pd.DataFrame, rows: dict[str, np.ndarray], k: int,
-                   settings: TokenRecallSettings) -> pd.DataFrame:
+                   settings: TokenRecallSettings, read_views: Callable | None = None) -> pd.DataFrame:
     """The k-candidate shortlist of the queries in `rows` (id -> (Nq, C) unit tokens, `query_rows`) from their
     `deep` descriptor lists, the last `settings.candidates` places given to the best-voted references.
+
+    With `settings.views` and `read_views` ({query id: (m, 4) boxes} -> the descriptor's rows for the queries
+    cropped at those boxes: query_id, reference_id, score, e.g. `pair_vit.match.index.search_views` of
+    `pair_vit.descriptor.views.embed_boxes`), the descriptor first reads each query where its best-voted
+    references sit, and those rows join `deep` (best similarity per pair) before the votes are merged.
 
     Columns: query_id, reference_id, score (descriptor similarity), votes (every candidate's vote score, 0 where
     none of the query's tokens voted for it: a calibration feature, `pair_vit.match.calibration`). A query
     without tokens (unreadable here) keeps its descriptor list with votes 0."""
-    return voted_shortlist(deep, list(rows), index.vote(list(rows.values()), settings), index.ids, k,
-                           settings.candidates, index.position)
+    boxes: list | None = [] if settings.views and settings.geometry and read_views is not None else None
+    votes = index.vote(list(rows.values()), settings, boxes)
+    if boxes is not None:
+        deep = with_views(deep, read_views(dict(zip(rows, boxes))))
+    return voted_shortlist(deep, list(rows), votes, index.ids, k, settings.candidates, index.position)
+
+
+def with_views(deep: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
+    """`deep` (query_id, reference_id, score) with the rows of `extra` (the same columns, from more views of the
+    same queries): each pair's best score, each query's list best first and as long as its longest (`deep`'s
+    depth), queries in `deep`'s order."""
+    if not len(extra):
+        return deep
+    depth = int(deep.groupby("query_id", sort=False).size().max())
+    both = pd.concat([deep, extra[deep.columns]], ignore_index=True)
+    best = both.groupby(["query_id", "reference_id"], sort=False, as_index=False).score.max()
+    order = {q: i for i, q in enumerate(deep.query_id.unique())}
+    best = best[best.query_id.isin(order)].assign(_q=lambda x: x.query_id.map(order))
+    best = best.sort_values(["_q", "score", "reference_id"], ascending=[True, False, True], kind="stable")
+    return best.groupby("_q", sort=False).head(depth).drop(columns="_q").reset_index(drop=True).astype(
+        {"score": deep.score.dtype})
 
 
 def voted_shortlist(deep: pd.DataFrame, query_ids: list[str], votes: np.ndarray, ref_ids: Sequence[str], k: int,
@@ -327,70 +359,3 @@ def voted_shortlist(deep: pd.DataFrame, query_ids: list[str], votes: np.ndarray,
         if i is not None and j is not None:
             found[n] = votes[i, j]
     return merged.assign(votes=found)
-
-
-# ----------------------------------------------------------------------------- tokens of images
-
-
-def reference_tokens(model, paths: dict[str, Path], report, batch_size: int = 64,
-                     amp: bool = True) -> tuple[list[str], np.ndarray]:
-    """(ids, (N, C, Gh, Gw) float16 tokens) of the readable references, read as the pair stage reads them."""
-    import torch
-
-    from pair_vit.pair.scoring import TensorCache, load_side, trunk_tokens
-
-    half = model.half_size
-    images = TensorCache(paths, half, report, capacity=0, load_side=load_side(half))
-    ids, out = [], []
-    todo = list(paths)
-    for start in range(0, len(todo), 256):
-        pixels = {i: images.get(i) for i in todo[start:start + 256]}
-        readable = [i for i, x in pixels.items() if x is not None]
-        if readable:
-            ids += readable
-            out.append(trunk_tokens(model, torch.stack([pixels[i] for i in readable]), batch_size, amp)
-                       .to(torch.float16).numpy())
-    channels, grid = model.trunk.feature_info.channels()[-1], model.grid
-    return ids, (np.concatenate(out) if out else np.zeros((0, channels, *grid), np.float16))
-
-
-def query_readings(model, paths: dict[str, Path], scales: Sequence[int], report, batch_size: int = 64,
-                   amp: bool = True, images=None,
-                   mirror: bool = False) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
-    """id -> {(h, w): (C, Gh, Gw) trunk tokens} of each readable query, read whole at each of `scales` x the pair
-    model's half size (h, w), decoded as the pair stage decodes queries (`images`: a `TensorCache` to decode
-    with, e.g. one the pair stage shares; `pair_vit.pair.scoring.score_chunk` reuses these readings). `mirror`:
-    the tokens of the query's mirror image (left-right) instead, for `TokenRecallSettings.mirror`."""
-    import torch
-
-    from pair_vit.pair.scoring import TensorCache, load_side, to_uint8, trunk_tokens
-
-    half = model.half_size
-    side = max(load_side(half), half[0] * max(scales))
-    if images is None or images.load_side < side:  # a shared decoder too coarse for the largest reading
-        images = TensorCache(paths, half, report, capacity=0, load_side=side)
-    sizes = [(int(half[0]) * s, int(half[1]) * s) for s in scales]
-    out: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-    todo = list(paths)
-    for start in range(0, len(todo), 64):
-        decoded = {i: images.load(i) for i in todo[start:start + 64]}
-        readable = [i for i, x in decoded.items() if x is not None]
-        if not readable:
-            continue
-        flip = (lambda x: x.flip(-1)) if mirror else (lambda x: x)
-        per_size = [trunk_tokens(model, torch.stack([flip(to_uint8(decoded[i], size)) for i in readable]), batch_size,
-                                 amp) for size in sizes]
-        out.update((i, {size: tokens[j] for size, tokens in zip(sizes, per_size)}) for j, i in enumerate(readable))
-    return out
-
-
-def rows_of(readings: dict[str, dict]) -> dict[str, np.ndarray]:
-    """`query_readings` -> id -> (Nq, C) float32 unit tokens, every size's grid concatenated in order."""
-    return {i: np.concatenate([unit_rows(t[None])[0] for t in sizes.values()]) for i, sizes in readings.items()}
-
-
-def query_rows(model, paths: dict[str, Path], scales: Sequence[int], report, batch_size: int = 64,
-               amp: bool = True) -> dict[str, np.ndarray]:
-    """id -> (Nq, C) float32 unit tokens of each readable query, read whole at each of `scales` x the pair model's
-    half size (Nq = sum of s * s * Gh * Gw), decoded as the pair stage decodes queries."""
-    return rows_of(query_readings(model, paths, scales, report, batch_size, amp))

@@ -10,7 +10,7 @@ import torch
 import pair_vit
 from pair_vit import data
 from pair_vit.match import index as ix
-from pair_vit.descriptor.views import VIEW_BOXES, merge_views, n_views, view_boxes
+from pair_vit.descriptor.views import VIEW_BOXES, embed_boxes, merge_views, n_views, view_boxes
 
 SMALL_ARGS = {"backbone": "resnet18", "embed_dim": 32, "image_size": 64, "gem_p": 3.0}
 
@@ -246,6 +246,32 @@ def test_embed_folder_views_and_owners(model, demo_photos, monkeypatch):
     # bf16 autocast costs little accuracy: fp32 and bf16 descriptors of the same views nearly coincide
     _, fp32, _ = ix.embed_folder(model, photos, batch_size=8, views="halves", amp=False)
     assert (fp32 * vectors).sum(1).min() > 0.999
+
+
+def test_embed_boxes_reads_each_useful_box_once(model, demo_photos, tmp_path):
+    photos = dict(list(demo_photos.items())[:3])
+    a, b, c = photos
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    boxes = {a: np.array([[0.0, 0.0, 0.5, 0.5], [0.001, 0.0, 0.5, 0.5],  # the second repeats the first (to 0.01)
+                          [0.0, 0.0, 1.0, 0.95],  # almost the whole image: the full view has it
+                          [0.2, 0.2, 0.22, 0.9],  # a sliver
+                          [0.5, 0.5, 1.0, 1.0]], np.float32),
+             b: np.zeros((0, 4), np.float32), "broken": np.array([[0.0, 0.0, 0.5, 0.5]], np.float32)}
+    report = data.SkipReport()
+    images = {a: photos[a], b: photos[b], c: photos[c], "broken": broken}
+    ids, vectors, owner = embed_boxes(model, images, boxes, amp=False, report=report)
+    assert ids == [a] and owner.tolist() == [0, 0] and vectors.shape == (2, 32)  # c has no box, b an empty list
+    assert [path.name for path, _ in report] == ["broken.jpg"]
+    # a view is the descriptor of the crop itself
+    from pair_vit.descriptor.model import preprocess
+
+    image = data.load_image(photos[a], max_side=3 * 64)
+    w, h = image.size
+    crop = image.crop((0, 0, round(0.5 * w), round(0.5 * h)))
+    with torch.inference_mode():
+        direct = torch.nn.functional.normalize(model(preprocess(crop, 64)[None]).float(), dim=1).numpy()[0]
+    np.testing.assert_allclose(vectors[0], direct, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -360,7 +360,7 @@ def test_verification_inliers_are_fused_and_required_by_their_calibration(folder
 def test_token_recall_brings_a_voted_reference_into_the_shortlist(folders, checkpoint, tmp_path, monkeypatch):
     """With a random descriptor the copy can miss a k=1 shortlist; the query's own tokens (an exact copy) vote for
     its source, which takes the one place given to token recall."""
-    from pair_vit.match import token_recall as tr
+    from pair_vit.match import token_readings
 
     queries, refs, originals = folders
     plain = rerank.run(config(queries, refs, tmp_path / "a.csv", checkpoint, k=2, token_recall=0))
@@ -375,7 +375,21 @@ def test_token_recall_brings_a_voted_reference_into_the_shortlist(folders, check
         assert first in set(mine.reference_id)  # the descriptor keeps its first place
     # its own cache: changing token_recall does not reuse the plain shortlist, and a rerun reuses its own
     calls = []
-    monkeypatch.setattr(tr, "query_rows", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(token_readings, "query_rows", lambda *a, **k: calls.append(1))
     again = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1, overwrite=True,
                               descriptor_only=False, verify="none", calibration="none"))
     assert not calls and again.equals(voted)
+    # views where the votes place the copy: the descriptor reads those crops, in a shortlist of their own
+    from pair_vit.descriptor import views as dv
+
+    monkeypatch.undo()
+    read = []
+    embed_boxes = dv.embed_boxes
+    monkeypatch.setattr(dv, "embed_boxes", lambda *a, **k: read.append(sorted(a[2])) or embed_boxes(*a, **k))
+    import pair_vit.match.placed_views as pv
+    monkeypatch.setattr(pv, "embed_boxes", dv.embed_boxes)
+    placed = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1, token_views=2,
+                               overwrite=True, descriptor_only=False, verify="none", calibration="none"))
+    assert read == [["Q1", "Q4"]]  # both queries got votes, so boxes to read
+    for query, source in zip(("Q1", "Q4"), originals):
+        assert source in set(placed[placed.query_id == query].reference_id)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pair_vit.match import token_readings
 from pair_vit.match import token_recall as tr
 
 
@@ -96,10 +97,10 @@ def test_a_small_copy_is_voted_for(tmp_path):
     canvas.save(tmp_path / "collage.jpg")
     model = rerank.load_pair(RerankConfig())[0].eval()
     report = data.SkipReport()
-    ids, tokens = tr.reference_tokens(model, refs, report)
+    ids, tokens = token_readings.reference_tokens(model, refs, report)
     assert tokens.dtype == np.float16 and tokens.shape[1:] == (112, 10, 10)
     index = tr.TokenIndex.build(ids, tokens, fingerprint="shipped")
-    rows = tr.query_rows(model, {"collage": tmp_path / "collage.jpg"}, (1, 2), report)
+    rows = token_readings.query_rows(model, {"collage": tmp_path / "collage.jpg"}, (1, 2), report)
     assert rows["collage"].shape == (100 + 400, 112)
     votes = index.vote(list(rows.values()), tr.TokenRecallSettings(geometry=False))
     top4 = {ids[j] for j in np.argsort(-votes[0])[:4]}
@@ -112,6 +113,13 @@ def test_a_small_copy_is_voted_for(tmp_path):
     assert again.grid == (10, 10)
     placed = again.vote(list(rows.values()), tr.TokenRecallSettings(geometry=True))  # each cell a placement
     assert {ids[j] for j in np.argsort(-placed[0])[:4]} == top4 and (placed <= votes + 1e-6).all()
+    # and each of the four is placed in its own quarter of the collage (placed_views crops the query there)
+    boxes: list = []
+    again.vote(list(rows.values()), tr.TokenRecallSettings(views=4), boxes)
+    cell = {p.stem: ((i % 2) * 0.5, (i // 2) * 0.5) for i, p in enumerate([target, *others])}
+    for j, box in zip(np.argsort(-placed[0], kind="stable")[:4], boxes[0]):
+        left, top = cell[ids[j]]
+        np.testing.assert_allclose(box, [left, top, left + 0.5, top + 0.5], atol=0.1, err_msg=ids[j])
 
 
 def test_neighbours_give_each_match_its_place_in_its_reference():
