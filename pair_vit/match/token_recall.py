@@ -329,18 +329,23 @@ def vote_shortlist(index: TokenIndex, deep: pd.DataFrame, rows: dict[str, np.nda
 
 def with_views(deep: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
     """`deep` (query_id, reference_id, score) with the rows of `extra` (the same columns, from more views of the
-    same queries): each pair's best score, each query's list best first and as long as its longest (`deep`'s
-    depth), queries in `deep`'s order."""
+    same queries): each pair's best score, each query's list best first (ties: reference id) and as long as its
+    longest (`deep`'s depth), queries in `deep`'s order. Plain dicts, not a pandas groupby: a CopyDetector match
+    is one query, where pandas' fixed costs would dominate."""
     if not len(extra):
         return deep
-    depth = int(deep.groupby("query_id", sort=False).size().max())
-    both = pd.concat([deep, extra[deep.columns]], ignore_index=True)
-    best = both.groupby(["query_id", "reference_id"], sort=False, as_index=False).score.max()
-    order = {q: i for i, q in enumerate(deep.query_id.unique())}
-    best = best[best.query_id.isin(order)].assign(_q=lambda x: x.query_id.map(order))
-    best = best.sort_values(["_q", "score", "reference_id"], ascending=[True, False, True], kind="stable")
-    return best.groupby("_q", sort=False).head(depth).drop(columns="_q").reset_index(drop=True).astype(
-        {"score": deep.score.dtype})
+    best: dict[str, dict[str, float]] = {}
+    for q, r, score in zip(deep.query_id, deep.reference_id, deep.score.tolist()):
+        mine = best.setdefault(q, {})
+        mine[r] = max(score, mine.get(r, score))
+    depth = max(len(mine) for mine in best.values())
+    for q, r, score in zip(extra.query_id, extra.reference_id, extra.score.tolist()):
+        mine = best.get(q)
+        if mine is not None:  # a query the descriptor did not list is not added
+            mine[r] = max(score, mine.get(r, score))
+    rows = [(q, r, score) for q, mine in best.items()
+            for r, score in sorted(mine.items(), key=lambda item: (-item[1], item[0]))[:depth]]
+    return pd.DataFrame(rows, columns=["query_id", "reference_id", "score"]).astype({"score": deep.score.dtype})
 
 
 def voted_shortlist(deep: pd.DataFrame, query_ids: list[str], votes: np.ndarray, ref_ids: Sequence[str], k: int,
