@@ -379,17 +379,18 @@ def test_token_recall_brings_a_voted_reference_into_the_shortlist(folders, check
     again = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1, overwrite=True,
                               descriptor_only=False, verify="none", calibration="none"))
     assert not calls and again.equals(voted)
-    # views where the votes place the copy: the descriptor reads those crops, in a shortlist of their own
-    from pair_vit.descriptor import views as dv
+    # placed views (2 boxes a query by default, so the runs above read them): each setting has a shortlist of its
+    # own; off, no crop is read; another count reads the boxes of both voted queries again
+    import pair_vit.match.placed_views as pv
 
     monkeypatch.undo()
     read = []
-    embed_boxes = dv.embed_boxes
-    monkeypatch.setattr(dv, "embed_boxes", lambda *a, **k: read.append(sorted(a[2])) or embed_boxes(*a, **k))
-    import pair_vit.match.placed_views as pv
-    monkeypatch.setattr(pv, "embed_boxes", dv.embed_boxes)
-    placed = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1, token_views=2,
-                               overwrite=True, descriptor_only=False, verify="none", calibration="none"))
-    assert read == [["Q1", "Q4"]]  # both queries got votes, so boxes to read
-    for query, source in zip(("Q1", "Q4"), originals):
-        assert source in set(placed[placed.query_id == query].reference_id)
+    embed_boxes = pv.embed_boxes
+    monkeypatch.setattr(pv, "embed_boxes", lambda *a, **k: read.append(sorted(a[2])) or embed_boxes(*a, **k))
+    for views in (0, 3):
+        placed = rerank.run(config(queries, refs, tmp_path / "b.csv", checkpoint, k=2, token_recall=1,
+                                   token_views=views, overwrite=True, descriptor_only=False, verify="none",
+                                   calibration="none"))
+        for query, source in zip(("Q1", "Q4"), originals):
+            assert source in set(placed[placed.query_id == query].reference_id)
+    assert read == [["Q1", "Q4"]]  # only the run with views read crops, of both queries
