@@ -55,16 +55,15 @@ def shortlist(detector: Any, paths: dict[str, Path], report: data.SkipReport, se
         return found
     from pair_vit.match import token_readings
     from pair_vit.match import token_recall as tr
+    from pair_vit.match.placed_views import view_reader
 
     start = time.perf_counter()
     settings = tr.settings_of(s)
-    read = token_readings.query_readings(detector.pair, {q: paths[q] for q in q_ids}, settings.scales, report, s.batch_size,
-                             s.amp, images if images.keep_decoded else None)
-    from pair_vit.match.placed_views import view_reader
-
-    read_views = view_reader(detector.descriptor, detector.index, paths, depth, s, report)
-    found = tr.vote_shortlist(detector.token_index(settings), found, token_readings.rows_of(read), s.shortlist, settings,
-                              read_views)
+    read = token_readings.query_readings(detector.pair, {q: paths[q] for q in q_ids}, settings.scales, report,
+                                         s.batch_size, s.amp, images if images.keep_decoded else None)
+    read_views = view_reader(detector.descriptor, detector.index, paths, depth, s, report)  # the placed views
+    found = tr.vote_shortlist(detector.token_index(settings), found, token_readings.rows_of(read), s.shortlist,
+                              settings, read_views)
     if images.keep_decoded:
         readings.update(read)
     seconds["token_recall"] = time.perf_counter() - start

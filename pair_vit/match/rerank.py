@@ -244,7 +244,8 @@ def token_shortlist(procs: Processes, deep: pd.DataFrame, queries: dict[str, Pat
     if not hasattr(model, "forward_tokens"):  # the pixel pair ViT has no token trunk to vote with
         log.warning("token recall skipped: pair checkpoint %s has no token trunk", cfg.checkpoint or SHIPPED_WEIGHTS)
         return tr.merge_votes(deep, deep.iloc[:0], cfg.k, 0)
-    parts = procs.gather([readings.reference_tokens(model, procs.share(references), report, cfg.batch_size, cfg.amp)])
+    parts = procs.gather([readings.reference_tokens(model, procs.share(references), report, cfg.batch_size,
+                                                    cfg.amp)])
     ids = [i for part_ids, _ in parts for i in part_ids]
     index = tr.TokenIndex.build(ids, np.concatenate([t for _, t in parts]), settings.factory)
     rows = readings.query_rows(model, queries, settings.scales, report, cfg.batch_size, cfg.amp)

@@ -14,7 +14,10 @@ tokens); each neighbour above `floor` votes `similarity - floor` for its referen
 reference (its best token there). With `geometry` (the default), a reference counts only the votes of query
 tokens whose matches agree on one placement of it in the query (`pair_vit.match.token_places`), so a look-alike
 whose sky or foliage matches all over the query gathers less. The references with the most votes that the
-descriptor did not shortlist take the last `candidates` places of the k-candidate shortlist.
+descriptor did not shortlist take the last `candidates` places of the k-candidate shortlist. Before they do, with
+`views`, the descriptor reads the query cropped where its best-voted references sit (`vote_shortlist`'s
+`read_views`, `pair_vit.match.placed_views`; merged by `with_views`). The query's and the references' tokens come
+from `pair_vit.match.token_readings`.
 
 Memory: C floats per reference token (Lite0: 112 x 10 x 10 tokens per reference at 160 px, 44.8 KB float32 in a
 Flat index); `factory="IVF{n},SQ8"` (112 bytes + an 8-byte id per token, 12 KB per reference) kept the same recall
