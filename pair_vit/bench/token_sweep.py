@@ -49,6 +49,7 @@ class TokenSweepConfig:
     sizes: list = opt([",".join(map(str, SIZES))], "geometry: sets of the copy's shares of the query's width and "
                                                     "height to try, each comma-separated")
     cells: list = opt([CELL], "geometry: offset cell widths, as a share of the query's side")
+    min_votes: list = opt([0.0], "least vote score for a voted reference to take a place (0: any vote)")
     views: list = opt([2], "geometry: descriptor views cropped where the query's best-voted references sit, per "
                            "query (rerank.py --token-views)")
     factory: str = opt("Flat", "faiss factory of the reference-token index")
@@ -61,16 +62,17 @@ def settings_grid(cfg: TokenSweepConfig):
     from pair_vit.match.token_recall import TokenRecallSettings
 
     seen = set()
-    for scales, floor, neighbours, spread, mirror, geometry, sizes, cell, views, candidates in itertools.product(
+    for scales, floor, neighbours, spread, mirror, geometry, sizes, cell, views, least, candidates in itertools.product(
             cfg.scales, cfg.floors, cfg.neighbours, cfg.spreads, cfg.mirrors, cfg.geometry, cfg.sizes, cfg.cells,
-            cfg.views, cfg.candidates):
+            cfg.views, cfg.min_votes, cfg.candidates):
         scales = tuple(int(s) for s in str(scales).split(","))
         placement = ({"sizes": tuple(float(x) for x in str(sizes).split(",")), "cell": float(cell),
                       "views": int(views)} if truth(geometry)
                      else {})  # plain votes have no placement to vary
         s = (TokenRecallSettings(int(candidates), factory=cfg.factory, nprobe=cfg.nprobe) if int(candidates) == 0
              else TokenRecallSettings(int(candidates), int(neighbours), float(floor), scales, cfg.factory, cfg.nprobe,
-                                      float(spread), truth(mirror), truth(geometry), **placement))
+                                      float(spread), truth(mirror), truth(geometry), **placement,
+                                      min_votes=float(least)))
         if s not in seen:
             seen.add(s)
             yield s
@@ -151,7 +153,8 @@ def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: d
             votes = side_votes if votes is None else np.maximum(votes, side_votes)
             if boxes is not None:
                 deep = tr.with_views(deep, read_views(dict(zip(query_ids, boxes))))
-        short = tr.voted_shortlist(deep, query_ids, votes, index.ids, k, settings.candidates, index.position)
+        short = tr.voted_shortlist(deep, query_ids, votes, index.ids, k, settings.candidates, index.position,
+                                   settings.min_votes)
         best = dict(zip(query_ids, np.asarray(index.ids)[votes.argmax(axis=1)]))
         first = float(np.mean([best.get(q) == r for q, r in zip(truth.query_id, truth.reference_id)]))
     placed = settings.geometry and settings.candidates > 0
@@ -160,6 +163,7 @@ def evaluate(settings, index, deep: pd.DataFrame, query_ids: list[str], found: d
     row = {"candidates": settings.candidates, "scales": ",".join(map(str, settings.scales)) if settings.candidates
            else "", "floor": settings.floor, "neighbours": settings.neighbours, "spread": settings.spread,
            "mirror": settings.mirror, "geometry": settings.geometry, "views": settings.views if placed else 0,
+           "min votes": settings.min_votes,
            "sizes": ",".join(f"{x:g}" for x in settings.sizes) if placed else "",
            "cell": settings.cell if placed else float("nan"), f"R@{k}": recall_at_k(short, gt, [k])[k],
            "votes rank-1": first}

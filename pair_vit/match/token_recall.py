@@ -71,6 +71,9 @@ class TokenRecallSettings:
     # geometry: the descriptor also reads the query cropped where its `views` best-voted references sit (a
     # proposal of where a copy is), those views joining its list before the votes are merged (`vote_shortlist`)
     views: int = 2
+    # a voted reference takes one of the `candidates` places only with at least this vote score, so weak votes leave
+    # the descriptor its own candidates: read by the sweep only (scripts/sweep_token_recall.py --min-votes)
+    min_votes: float = 0.0
 
 
 def settings_of(cfg) -> TokenRecallSettings:
@@ -327,7 +330,8 @@ def vote_shortlist(index: TokenIndex, deep: pd.DataFrame, rows: dict[str, np.nda
     votes = index.vote(list(rows.values()), settings, boxes)
     if boxes is not None:
         deep = with_views(deep, read_views(dict(zip(rows, boxes))))
-    return voted_shortlist(deep, list(rows), votes, index.ids, k, settings.candidates, index.position)
+    return voted_shortlist(deep, list(rows), votes, index.ids, k, settings.candidates, index.position,
+                           settings.min_votes)
 
 
 def with_views(deep: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
@@ -352,11 +356,14 @@ def with_views(deep: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
 
 
 def voted_shortlist(deep: pd.DataFrame, query_ids: list[str], votes: np.ndarray, ref_ids: Sequence[str], k: int,
-                    candidates: int, position: Mapping[str, int] | None = None) -> pd.DataFrame:
+                    candidates: int, position: Mapping[str, int] | None = None,
+                    min_votes: float = 0.0) -> pd.DataFrame:
     """`vote_shortlist` from the (Q, R) votes of `query_ids` over references `ref_ids` (`TokenIndex.vote`);
     `position`: reference id -> its column of `votes` (`TokenIndex.position`; made from `ref_ids` if not given,
-    which costs O(R) a call)."""
+    which costs O(R) a call); only references with at least `min_votes` (and more than 0) take voted places."""
     voted = top_votes(query_ids, votes, ref_ids, candidates + k)
+    if min_votes > 0:
+        voted = voted[voted.votes >= min_votes]
     merged = merge_votes(deep, voted, k, candidates)
     if position is None:
         position = {r: j for j, r in enumerate(ref_ids)}

@@ -180,3 +180,15 @@ def test_spread_divides_a_token_s_votes_by_the_references_it_votes_for():
     np.testing.assert_allclose(tr.token_votes(similarity, owner, valid, 3, 0.5), [0.4, 0.7, 0.2], atol=1e-6)
     np.testing.assert_allclose(tr.token_votes(similarity, owner, valid, 3, 0.5, spread=1.0),
                                [0.4 / 3, 0.3 / 3 + 0.4, 0.2 / 3], atol=1e-6)
+
+
+def test_weak_votes_can_leave_the_descriptor_its_places():
+    votes = np.array([[0.0, 0.5, 3.0, 0.0]], np.float32)
+    deep = pd.DataFrame({"query_id": ["q"] * 3, "reference_id": ["r0", "r3", "r1"],
+                         "score": np.array([0.9, 0.8, 0.7], np.float32)})
+    refs = ["r0", "r1", "r2", "r3"]
+    # one voted place (of k=3, the descriptor keeps at least half): r2 (3.0) takes it from the descriptor's r1
+    assert tr.voted_shortlist(deep, ["q"], votes, refs, 3, 2).reference_id.tolist() == ["r0", "r3", "r2"]
+    assert tr.voted_shortlist(deep, ["q"], votes, refs, 3, 2, min_votes=1.0).reference_id.tolist() == ["r0", "r3", "r2"]
+    # a floor of 4: no vote is strong enough, and the descriptor keeps its own third
+    assert tr.voted_shortlist(deep, ["q"], votes, refs, 3, 2, min_votes=4.0).reference_id.tolist() == ["r0", "r3", "r1"]
