@@ -16,6 +16,7 @@ computed in `cache_dir` (by any earlier chunk or shortlist) and computes only th
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -96,7 +97,8 @@ def run_chunks(shortlist: pd.DataFrame, compute: Callable[[pd.DataFrame], pd.Dat
 
     by_query = dict(tuple(shortlist.groupby("query_id", sort=False)))
     mine = [(c, ids) for c, ids in enumerate(chunk_plan(shortlist.query_id, chunk_queries)) if c % world == rank]
-    known: Any = False  # the stored pairs, read when a first chunk is not on disk (a plain resume never needs them)
+    # the stored pairs, read once, when a first chunk is not on disk (a plain resume never needs them)
+    known = functools.cache(lambda: stored_pairs(cache_dir, empty, shortlist.columns) if cache_dir else None)
     parts, n_computed = [], 0
     bar = tqdm(total=sum(len(by_query[q]) for _, ids in mine for q in ids) * units_per_row, desc=desc,
                unit="pair", disable=not progress, smoothing=0.1)
@@ -106,9 +108,7 @@ def run_chunks(shortlist: pd.DataFrame, compute: Callable[[pd.DataFrame], pd.Dat
         if path is not None and path.is_file():
             part = pd.read_csv(path, dtype={"query_id": str, "reference_id": str})
         else:
-            if known is False:
-                known = stored_pairs(cache_dir, empty, shortlist.columns) if cache_dir else None
-            part, n = _compute_new(rows, compute, known, empty)
+            part, n = _compute_new(rows, compute, known(), empty)
             n_computed += n
             if path is not None:
                 with atomic_path(path) as tmp:

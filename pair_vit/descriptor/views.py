@@ -279,11 +279,14 @@ def embed_folder(model: torch.nn.Module, images: Mapping[str, Path], batch_size:
                 ids.extend(image_id for image_id, _ in good)
             bar.update(len(batch))
     if not chunks:
-        dim = int(model_args_of(model).get("embed_dim", 0))
-        return [], np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+        return _no_vectors(model)
     return ids, np.concatenate(chunks), np.concatenate(owners)
 
 
+def _no_vectors(model: torch.nn.Module) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """`embed_folder`'s result when nothing was embedded: no ids, (0, D) vectors, (0,) owners."""
+    dim = int(model_args_of(model).get("embed_dim", 0))
+    return [], np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
 
 
 # A box covering more of the query than this is the whole image again (its full view has it); one narrower or
@@ -302,6 +305,8 @@ def embed_boxes(model: torch.nn.Module, images: Mapping[str, Path], boxes: Mappi
     sub-view. Boxes that are almost the whole image (area > MAX_BOX_AREA), thinner than MIN_BOX_SIDE or a
     repeat of an earlier box of the image (to 0.01) are dropped; images without a box left are not decoded.
     Unreadable images go to `report`."""
+    from pair_vit.descriptor.model import preprocess
+
     report = report if report is not None else data.SkipReport()
     size = model_image_size(model)
     ids: list[str] = []
@@ -317,12 +322,11 @@ def embed_boxes(model: torch.nn.Module, images: Mapping[str, Path], boxes: Mappi
             log.warning("skipping image %s: %s", path, err.reason)
             continue
         for box in view_boxes(image.width, image.height, "full", kept)[1:]:
-            tensors.append(_preprocess(image.crop(box), size))
+            tensors.append(preprocess(image.crop(box), size))
             owners.append(len(ids))
         ids.append(image_id)
     if not tensors:
-        dim = int(model_args_of(model).get("embed_dim", 0))
-        return [], np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+        return _no_vectors(model)
     model.eval()
     vectors = np.concatenate([_forward(model, torch.stack(tensors[s:s + batch_size]), amp)
                               for s in range(0, len(tensors), batch_size)])
@@ -338,9 +342,3 @@ def _useful_boxes(boxes: np.ndarray) -> list[tuple[float, float, float, float]]:
             continue
         out.append(box)
     return out
-
-
-def _preprocess(image, size: int) -> torch.Tensor:
-    from pair_vit.descriptor.model import preprocess
-
-    return preprocess(image, size)
