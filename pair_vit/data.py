@@ -268,13 +268,21 @@ def _upright_rgb(im: Image.Image, path: Path, max_side: int | None) -> Image.Ima
 
 @dataclass
 class SkipReport:
-    """Images that could not be used, with why; summarised at the end of a run and saved as CSV."""
+    """Images that could not be used, with why; summarised at the end of a run and saved as CSV. Each image is
+    listed once, with the first reason given (two stages decoding the same query both find it unreadable)."""
 
     entries: list[tuple[Path, str]] = field(default_factory=list)
     max_listed: int = 5
+    _seen: set[Path] = field(default_factory=set, repr=False, compare=False)
 
     def add(self, path: str | os.PathLike, reason: str) -> None:
-        self.entries.append((Path(path), reason))
+        path = Path(path)
+        if len(self._seen) != len(self.entries):  # entries set or extended directly (gathered from processes)
+            self._seen = {p for p, _ in self.entries}
+        if path in self._seen:
+            return
+        self._seen.add(path)
+        self.entries.append((path, reason))
 
     def __len__(self) -> int:
         return len(self.entries)

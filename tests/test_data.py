@@ -289,6 +289,17 @@ def test_load_images_skips_and_reports(tmp_path, caplog):
     assert report.summary() == "2 images skipped: bad.png (not an image), missing.jpg (file not found)"
 
 
+def test_skip_report_lists_an_image_once_with_its_first_reason():
+    report = SkipReport()
+    report.add("q/bad.jpg", "not an image")
+    report.add(Path("q/bad.jpg"), "truncated")  # a second stage decoding the same query
+    report.entries.append((Path("q/other.jpg"), "file not found"))  # gathered from another process
+    report.add("q/other.jpg", "file not found")
+    report.add("q/third.jpg", "truncated")
+    assert list(report) == [(Path("q/bad.jpg"), "not an image"), (Path("q/other.jpg"), "file not found"),
+                            (Path("q/third.jpg"), "truncated")]
+
+
 def test_load_images_passes_kwargs(tmp_path):
     path = save(tmp_path / "a.png", Image.new("RGB", (40, 20)))
     [(_, im)] = load_images([path], SkipReport(), max_side=10)

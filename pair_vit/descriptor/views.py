@@ -69,6 +69,7 @@ VIEWS = (*VIEW_BOXES, *_PROPOSED)
 # Longest side an image is decoded at, in multiples of the descriptor input size: a half or a grid cell
 # still gets about `image_size` pixels across, and JPEGs decode faster at reduced scale.
 DECODE_SCALE = {"full": 2, "halves": 2, "grid": 3, "regions": 3}
+BOX_DECODE = "regions"  # boxes placed on a query (`embed_boxes`) are cut from a decode as fine as its regions'
 
 # Subtracted from the similarity of every view but the whole image before views are merged, so that a sub-view
 # of an unrelated photo beats the whole image's best match less often. Chosen on the tuning benchmark as the
@@ -207,12 +208,15 @@ def plain_json(value: Any) -> Any:
 
 
 class _ViewDataset(torch.utils.data.Dataset):
-    """(id, path) -> (id, path, views tensor (V, 3, S, S) or None, skip reason or None)."""
+    """(id, path) -> (id, path, views tensor (V, 3, S, S) or None, skip reason or None); `boxes` (id -> (m, 4)
+    fractions of the image) add crops after the views (`embed_folder`)."""
 
-    def __init__(self, items: list[tuple[str, Path]], views: str, image_size: int):
+    def __init__(self, items: list[tuple[str, Path]], views: str, image_size: int,
+                 boxes: Mapping[str, np.ndarray] | None = None):
         from pair_vit.descriptor.model import preprocess
 
         self.items, self.views, self.image_size, self.preprocess = items, views, image_size, preprocess
+        self.boxes = boxes or {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -223,8 +227,15 @@ class _ViewDataset(torch.utils.data.Dataset):
             image = data.load_image(path, max_side=DECODE_SCALE[self.views] * self.image_size)
         except data.ImageLoadError as err:
             return image_id, path, None, err.reason
-        views = [self.preprocess(v, self.image_size) for v in crop_views(image, self.views)]
-        return image_id, path, torch.stack(views), None
+        crops = crop_views(image, self.views)
+        kept = _useful_boxes(self.boxes.get(image_id, np.zeros((0, 4), np.float32)))
+        if kept and DECODE_SCALE[self.views] != DECODE_SCALE[BOX_DECODE]:  # the boxes' own decode, as embed_boxes'
+            try:
+                image = data.load_image(path, max_side=DECODE_SCALE[BOX_DECODE] * self.image_size)
+            except data.ImageLoadError as err:
+                return image_id, path, None, err.reason
+        crops += [image.crop(box) for box in view_boxes(image.width, image.height, "full", kept)[1:]]
+        return image_id, path, torch.stack([self.preprocess(v, self.image_size) for v in crops]), None
 
 
 def _as_list(batch: list) -> list:
@@ -241,14 +252,18 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, amp: bool) -> np.ndarray:
 
 def embed_folder(model: torch.nn.Module, images: Mapping[str, Path], batch_size: int = 64, amp: bool = True,
                  views: str = "full", report: data.SkipReport | None = None, num_workers: int = 0,
-                 progress: bool | str = False) -> tuple[list[str], np.ndarray, np.ndarray]:
+                 progress: bool | str = False,
+                 boxes: Mapping[str, np.ndarray] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Embed every loadable image of `images` (id -> path) with `views` (see `pair_vit.descriptor.views`).
 
     Returns (ids, vectors (M, D) float32 L2-normalised, view_owner (M,) int64): `ids` are the embedded
     images in input order, row j of `vectors` is a view of image ids[view_owner[j]] (M == len(ids) for
     views="full"). Unreadable images go to `report` and get no vector. `batch_size` counts views fed to
     the model at once; images are decoded by a DataLoader with `num_workers` worker processes (0: in this
-    process) so decoding overlaps the forward passes. `amp`: bf16 autocast.
+    process) so decoding overlaps the forward passes. `amp`: bf16 autocast. `boxes` (id -> (m, 4) left, top,
+    right, bottom in fractions of the image, e.g. where token votes place a copy) add sub-views after an
+    image's own, filtered and cropped as `embed_boxes` crops them (from the same decode: one forward pass reads
+    both, where `embed_boxes` is a second one).
     """
     from tqdm import tqdm
 
@@ -256,7 +271,7 @@ def embed_folder(model: torch.nn.Module, images: Mapping[str, Path], batch_size:
     report = report if report is not None else data.SkipReport()
     per_image = n_views(views)
     loader = torch.utils.data.DataLoader(
-        _ViewDataset(list(images.items()), views, model_image_size(model)),
+        _ViewDataset(list(images.items()), views, model_image_size(model), boxes),
         batch_size=max(1, batch_size // per_image), num_workers=num_workers, collate_fn=_as_list,
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
     model.eval()
@@ -316,7 +331,7 @@ def embed_boxes(model: torch.nn.Module, images: Mapping[str, Path], boxes: Mappi
         if not kept:
             continue
         try:
-            image = data.load_image(path, max_side=DECODE_SCALE["regions"] * size)
+            image = data.load_image(path, max_side=DECODE_SCALE[BOX_DECODE] * size)
         except data.ImageLoadError as err:
             report.add(path, err.reason)
             log.warning("skipping image %s: %s", path, err.reason)

@@ -40,34 +40,49 @@ def query_images(pair, paths: dict[str, Path], report: data.SkipReport):
 def shortlist(detector: Any, paths: dict[str, Path], report: data.SkipReport, seconds: dict, images,
               readings: dict) -> pd.DataFrame:
     """rerank.shortlist_stage without its cache: the best `shortlist` references of every query (query_id,
-    reference_id, score: descriptor similarity, higher = more alike). With token recall, the queries' trunk tokens
-    go into `readings` when the call is small enough to keep them."""
-    s, start = detector.settings, time.perf_counter()
+    reference_id, score: descriptor similarity, higher = more alike). With token recall the queries' trunk tokens
+    vote first (and go into `readings` when the call is small enough to keep them), and the descriptor reads the
+    boxes the votes place in the same pass as the query's own views. rerank.py reads them in a second pass after
+    its cached descriptor stage: the same crops, the same shortlist, one forward pass fewer here."""
+    s = detector.settings
+    voting = s.token_recall and detector.pair_layout.kind == "tokens"  # the pixel pair ViT has no tokens to vote
+    voted, votes, boxes = _votes(detector, paths, seconds, images, readings) if voting else ([], None, {})
+    start = time.perf_counter()
     workers = s.num_workers if len(paths) >= QUERY_WORKERS_FROM else 0
     q_ids, q_vectors, owner = ix.embed_folder(detector.descriptor, paths, s.batch_size, s.amp, s.views, report,
-                                              workers, progress=s.progress and "queries")
-    voting = s.token_recall and detector.pair_layout.kind == "tokens"  # the pixel pair ViT has no tokens to vote
+                                              workers, progress=s.progress and "queries", boxes=boxes)
     depth = s.shortlist * rerank.TOKEN_DEPTH if voting else s.shortlist
     found = ix.search_views(detector.index, q_ids, q_vectors, owner, depth, subview_penalty=s.subview_penalty,
                             reference_penalty=s.reference_penalty)
+    if voting and len(found):
+        from pair_vit.match import token_recall as tr
+
+        settings = tr.settings_of(s)
+        index = detector.token_index(settings)
+        found = tr.voted_shortlist(found, voted, votes, index.ids, s.shortlist, settings.candidates, index.position,
+                                   settings.min_votes)
     seconds["shortlist"] = time.perf_counter() - start
-    if not voting or not len(found):
-        return found
+    return found
+
+
+def _votes(detector: Any, paths: dict[str, Path], seconds: dict, images,
+           readings: dict) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """Token recall's reading of the queries: (query ids read, their (Q, R) votes, {query id: (m, 4) boxes} where
+    the votes place their best-voted references). A query the pair decoder cannot read has no votes; the
+    descriptor stage reports it."""
     from pair_vit.match import token_readings
     from pair_vit.match import token_recall as tr
-    from pair_vit.match.placed_views import view_reader
 
-    start = time.perf_counter()
+    s, start = detector.settings, time.perf_counter()
     settings = tr.settings_of(s)
-    read = token_readings.query_readings(detector.pair, {q: paths[q] for q in q_ids}, settings.scales, report,
-                                         s.batch_size, s.amp, images if images.keep_decoded else None)
-    read_views = view_reader(detector.descriptor, detector.index, paths, depth, s, report)  # the placed views
-    found = tr.vote_shortlist(detector.token_index(settings), found, token_readings.rows_of(read), s.shortlist,
-                              settings, read_views)
+    read = token_readings.query_readings(detector.pair, paths, settings.scales, data.SkipReport(), s.batch_size,
+                                         s.amp, images if images.keep_decoded else None)
+    rows = token_readings.rows_of(read)
+    votes, boxes = tr.place_votes(detector.token_index(settings), rows, settings)
     if images.keep_decoded:
         readings.update(read)
     seconds["token_recall"] = time.perf_counter() - start
-    return found
+    return list(rows), votes, boxes
 
 
 def rescore(detector: Any, found: pd.DataFrame, report: data.SkipReport, seconds: dict, queries,

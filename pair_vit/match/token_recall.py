@@ -326,12 +326,22 @@ def vote_shortlist(index: TokenIndex, deep: pd.DataFrame, rows: dict[str, np.nda
     Columns: query_id, reference_id, score (descriptor similarity), votes (every candidate's vote score, 0 where
     none of the query's tokens voted for it: a calibration feature, `pair_vit.match.calibration`). A query
     without tokens (unreadable here) keeps its descriptor list with votes 0."""
-    boxes: list | None = [] if settings.views and settings.geometry and read_views is not None else None
-    votes = index.vote(list(rows.values()), settings, boxes)
-    if boxes is not None:
-        deep = with_views(deep, read_views(dict(zip(rows, boxes))))
+    votes, boxes = place_votes(index, rows, settings, read_views is not None)
+    if boxes:
+        deep = with_views(deep, read_views(boxes))
     return voted_shortlist(deep, list(rows), votes, index.ids, k, settings.candidates, index.position,
                            settings.min_votes)
+
+
+def place_votes(index: TokenIndex, rows: dict[str, np.ndarray], settings: TokenRecallSettings,
+                placing: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The (Q, R) votes of the queries in `rows` (`TokenIndex.vote`) and, with `placing`, `settings.views` and
+    geometry, {query id: (m, 4) boxes}: where its `settings.views` best-voted references sit (left, top, right,
+    bottom in fractions of the query), for the descriptor to read (`vote_shortlist`'s `read_views`, or
+    `pair_vit.descriptor.views.embed_folder(boxes=)` in the same pass as the query's own views); {} otherwise."""
+    boxes: list | None = [] if placing and settings.views and settings.geometry else None
+    votes = index.vote(list(rows.values()), settings, boxes)
+    return votes, (dict(zip(rows, boxes)) if boxes is not None else {})
 
 
 def with_views(deep: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:

@@ -272,6 +272,16 @@ def test_embed_boxes_reads_each_useful_box_once(model, demo_photos, tmp_path):
     with torch.inference_mode():
         direct = torch.nn.functional.normalize(model(preprocess(crop, 64)[None]).float(), dim=1).numpy()[0]
     np.testing.assert_allclose(vectors[0], direct, atol=1e-5)
+    # embed_folder(boxes=) reads the same boxes after each image's own views, in the same pass
+    for views in ("regions", "full"):  # the regions' decode, and a coarser one (the boxes decode again)
+        f_ids, f_vectors, f_owner = ix.embed_folder(model, images, amp=False, views=views, report=report,
+                                                    boxes=boxes)
+        plain_ids, plain, plain_owner = ix.embed_folder(model, images, amp=False, views=views)
+        assert f_ids == plain_ids == [a, b, c] and [path.name for path, _ in report] == ["broken.jpg"]
+        extra = np.flatnonzero(f_owner == 0)[-2:]  # a's two useful boxes follow its own views
+        assert len(f_owner) == len(plain_owner) + 2 and f_owner[extra].tolist() == [0, 0]
+        np.testing.assert_allclose(f_vectors[extra], vectors, atol=1e-5)
+        np.testing.assert_allclose(np.delete(f_vectors, extra, 0), plain, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -304,7 +314,8 @@ def test_unreadable_images_are_skipped_reported_and_get_no_rows(model, demo_phot
     report = data.SkipReport()
     sub = ix.shortlist(model, data.list_images(queries), references, k=3, report=report, num_workers=1)
     assert set(sub.query_id) == {"good"} and "bad_ref" not in set(sub.reference_id)
-    assert sorted(p.name for p, _ in report) == ["broken.jpg", "broken.jpg", "empty.png"]
+    # broken.jpg is a query and a reference: one file, listed once
+    assert sorted(p.name for p, _ in report) == ["broken.jpg", "empty.png"]
 
 
 def test_score_normalisation_lowers_queries_similar_to_all_background():
