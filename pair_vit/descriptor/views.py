@@ -234,7 +234,7 @@ class _ViewDataset(torch.utils.data.Dataset):
                 image = data.load_image(path, max_side=DECODE_SCALE[BOX_DECODE] * self.image_size)
             except data.ImageLoadError as err:
                 return image_id, path, None, err.reason
-        crops += [image.crop(box) for box in view_boxes(image.width, image.height, "full", kept)[1:]]
+        crops += _box_crops(image, kept)
         return image_id, path, torch.stack([self.preprocess(v, self.image_size) for v in crops]), None
 
 
@@ -336,8 +336,8 @@ def embed_boxes(model: torch.nn.Module, images: Mapping[str, Path], boxes: Mappi
             report.add(path, err.reason)
             log.warning("skipping image %s: %s", path, err.reason)
             continue
-        for box in view_boxes(image.width, image.height, "full", kept)[1:]:
-            tensors.append(preprocess(image.crop(box), size))
+        for crop in _box_crops(image, kept):
+            tensors.append(preprocess(crop, size))
             owners.append(len(ids))
         ids.append(image_id)
     if not tensors:
@@ -346,6 +346,11 @@ def embed_boxes(model: torch.nn.Module, images: Mapping[str, Path], boxes: Mappi
     vectors = np.concatenate([_forward(model, torch.stack(tensors[s:s + batch_size]), amp)
                               for s in range(0, len(tensors), batch_size)])
     return ids, vectors, np.asarray(owners, np.int64)
+
+
+def _box_crops(image, kept: list[tuple[float, float, float, float]]) -> list:
+    """The PIL crops of `image` at `kept` boxes (fractions of the image, `_useful_boxes`), in order."""
+    return [image.crop(box) for box in view_boxes(image.width, image.height, "full", kept)[1:]]
 
 
 def _useful_boxes(boxes: np.ndarray) -> list[tuple[float, float, float, float]]:

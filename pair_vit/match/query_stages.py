@@ -44,9 +44,14 @@ def shortlist(detector: Any, paths: dict[str, Path], report: data.SkipReport, se
     vote first (and go into `readings` when the call is small enough to keep them), and the descriptor reads the
     boxes the votes place in the same pass as the query's own views. rerank.py reads them in a second pass after
     its cached descriptor stage: the same crops, the same shortlist, one forward pass fewer here."""
+    from pair_vit.match import token_recall as tr
+
     s = detector.settings
     voting = s.token_recall and detector.pair_layout.kind == "tokens"  # the pixel pair ViT has no tokens to vote
-    voted, votes, boxes = _votes(detector, paths, seconds, images, readings) if voting else ([], None, {})
+    settings = tr.settings_of(s)
+    index = detector.token_index(settings) if voting else None
+    voted, votes, boxes = (_votes(detector.pair, index, settings, paths, report, seconds, images, readings, s)
+                           if voting else ([], None, {}))
     start = time.perf_counter()
     workers = s.num_workers if len(paths) >= QUERY_WORKERS_FROM else 0
     q_ids, q_vectors, owner = ix.embed_folder(detector.descriptor, paths, s.batch_size, s.amp, s.views, report,
@@ -55,30 +60,25 @@ def shortlist(detector: Any, paths: dict[str, Path], report: data.SkipReport, se
     found = ix.search_views(detector.index, q_ids, q_vectors, owner, depth, subview_penalty=s.subview_penalty,
                             reference_penalty=s.reference_penalty)
     if voting and len(found):
-        from pair_vit.match import token_recall as tr
-
-        settings = tr.settings_of(s)
-        index = detector.token_index(settings)
         found = tr.voted_shortlist(found, voted, votes, index.ids, s.shortlist, settings.candidates, index.position,
                                    settings.min_votes)
     seconds["shortlist"] = time.perf_counter() - start
     return found
 
 
-def _votes(detector: Any, paths: dict[str, Path], seconds: dict, images,
-           readings: dict) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
-    """Token recall's reading of the queries: (query ids read, their (Q, R) votes, {query id: (m, 4) boxes} where
-    the votes place their best-voted references). A query the pair decoder cannot read has no votes; the
-    descriptor stage reports it."""
+def _votes(pair, index, settings, paths: dict[str, Path], report: data.SkipReport, seconds: dict, images,
+           readings: dict, s) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """Token recall's reading of the queries against `index` (the collection's `TokenIndex`): (query ids read, their
+    (Q, R) votes, {query id: (m, 4) boxes} where the votes place their best-voted references). A query that cannot
+    be read has no votes; `report` lists it once, though the descriptor stage finds it unreadable too."""
     from pair_vit.match import token_readings
     from pair_vit.match import token_recall as tr
 
-    s, start = detector.settings, time.perf_counter()
-    settings = tr.settings_of(s)
-    read = token_readings.query_readings(detector.pair, paths, settings.scales, data.SkipReport(), s.batch_size,
-                                         s.amp, images if images.keep_decoded else None)
+    start = time.perf_counter()
+    read = token_readings.query_readings(pair, paths, settings.scales, report, s.batch_size, s.amp,
+                                         images if images.keep_decoded else None)
     rows = token_readings.rows_of(read)
-    votes, boxes = tr.place_votes(detector.token_index(settings), rows, settings)
+    votes, boxes = tr.place_votes(index, rows, settings)
     if images.keep_decoded:
         readings.update(read)
     seconds["token_recall"] = time.perf_counter() - start
